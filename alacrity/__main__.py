@@ -1,0 +1,3 @@
+from alacrity.cli import main
+
+raise SystemExit(main())

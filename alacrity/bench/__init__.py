@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, their runners, the physical limits measured beside them, reports."""

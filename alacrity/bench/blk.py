@@ -1,0 +1,268 @@
+"""`alacrity bench blk`: a block workload through a guest, a ring and a device model.
+
+The host builds a machine with one block device, boots a guest that runs `guest_main`,
+and snapshots its own counters when the guest marks the start and end of the measured
+window (warm-up excluded). The physical limit is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from alacrity.bench.limits import block_offsets, file_limit, null_limit
+from alacrity.bench.stats import latency_summary_us
+from alacrity.devices.block import SECTOR, BlockCore, open_backend
+from alacrity.errors import ConfigError
+from alacrity.guest.drivers.virtio_blk import VirtioBlkDriver
+from alacrity.guest.process import ProcessGuest
+from alacrity.guest.programs import find_device
+from alacrity.machine import Machine
+from alacrity.virtio import blk as B
+from alacrity.virtio import spec
+from alacrity.virtio.device import Notify
+
+ABIS = ("virtio-split",)
+GUESTS = ("process",)
+RWS = ("read", "write", "randread", "randwrite")
+NOTIFY = tuple(n.value for n in Notify)
+
+
+@dataclass
+class BlkBench:
+    abi: str = "virtio-split"
+    guest: str = "process"
+    rw: str = "read"
+    bs: int = 4096
+    depth: int = 1
+    seconds: float = 5.0
+    warmup: float = 1.0
+    image: str = "null"
+    notify: str = "mitigated"
+    queue_size: int = 256
+    poll_us: float = 200.0
+    null_size: int = 1 << 30
+    limit_seconds: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.abi not in ABIS:
+            raise ConfigError(f"--abi {self.abi}: not available for blk (have: {', '.join(ABIS)})")
+        if self.guest not in GUESTS:
+            raise ConfigError(f"--guest {self.guest}: not available (have: {', '.join(GUESTS)})")
+        if self.rw not in RWS:
+            raise ConfigError(f"--rw {self.rw}: expected one of {', '.join(RWS)}")
+        if self.notify not in NOTIFY:
+            raise ConfigError(f"--notify {self.notify}: expected one of {', '.join(NOTIFY)}")
+        if self.bs <= 0 or self.bs % SECTOR:
+            raise ConfigError(f"--bs {self.bs}: must be a positive multiple of {SECTOR}")
+        if self.bs > 1 << 22:
+            raise ConfigError(f"--bs {self.bs}: larger than the device's size_max (4 MiB)")
+        if self.depth < 1:
+            raise ConfigError(f"--depth {self.depth}: must be at least 1")
+        if self.queue_size & (self.queue_size - 1) or not 2 <= self.queue_size <= 32768:
+            raise ConfigError(f"--queue-size {self.queue_size}: must be a power of two, 2..32768")
+        if self.depth * 3 > self.queue_size:
+            raise ConfigError(f"--depth {self.depth}: needs {self.depth * 3} descriptors, "
+                              f"the queue has {self.queue_size}")
+        if self.seconds <= 0:
+            raise ConfigError(f"--seconds {self.seconds}: must be positive")
+        if self.image != "null":
+            if not os.path.exists(self.image):
+                raise ConfigError(f"--image {self.image}: no such file "
+                                  f"(create one, e.g. truncate -s 256M {self.image})")
+            size = os.stat(self.image).st_size
+            if os.path.isfile(self.image) and size < self.bs:
+                raise ConfigError(f"--image {self.image}: {size} bytes, smaller than --bs")
+
+
+def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run one benchmark; `tick(fraction_done)` is called about ten times a second."""
+    cfg.validate()
+    notify = Notify(cfg.notify)
+    write = "write" in cfg.rw
+    backend = open_backend(cfg.image, read_only=not write, null_size=cfg.null_size)
+    ram = max(32 << 20, cfg.depth * (cfg.bs + 4096) + (16 << 20))
+    ram = (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
+    machine = Machine(ram, poll_us=cfg.poll_us if notify is Notify.POLL else 0)
+    try:
+        model = B.VirtioBlk(BlockCore(backend), queue_max=cfg.queue_size)
+        dev = machine.add_virtio_mmio(model, notify=notify)
+        guest = ProcessGuest(machine)
+        marks: dict[str, dict[str, Any]] = {}
+
+        def on_mark(name: str) -> None:
+            marks[name] = {"queue": dev.stats[0].as_dict(), "exits": guest.exits,
+                           "io_wakeups": machine.io.wakeups, "t": time.perf_counter()}
+
+        guest.on_mark = on_mark
+        t0 = time.monotonic()
+        total = cfg.warmup + cfg.seconds
+        guest.start("alacrity.bench.blk:guest_main", {
+            "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth, "seconds": cfg.seconds,
+            "warmup": cfg.warmup, "notify": cfg.notify, "queue_size": cfg.queue_size,
+            "poll_us": cfg.poll_us})
+        try:
+            g = guest.wait(timeout=total + 60,
+                           tick=(lambda: tick(min(1.0, (time.monotonic() - t0) / total)))
+                           if tick else None)
+        finally:
+            guest.close()
+        if dev.broken:
+            raise RuntimeError(f"device reported a guest error: {dev.last_error}")
+    finally:
+        machine.close()
+        backend.close()
+    if cfg.image == "null":
+        limit = null_limit(cfg.rw, cfg.bs, cfg.limit_seconds, cfg.null_size)
+    else:
+        limit = file_limit(cfg.image, cfg.rw, cfg.bs, cfg.limit_seconds)
+    if tick:
+        tick(1.0)
+    return assemble(cfg, g, marks, limit)
+
+
+def assemble(cfg: BlkBench, g: dict[str, Any], marks: dict[str, dict[str, Any]],
+             limit: dict[str, Any]) -> dict[str, Any]:
+    ops = g["ops"]
+    a, b = marks["start"], marks["end"]
+    dq = {k: b["queue"][k] - a["queue"][k] for k in a["queue"]}
+    per = (lambda x: round(x / ops, 4)) if ops else (lambda x: 0.0)
+    ops_per_s = ops / g["elapsed"] if g["elapsed"] else 0.0
+    bytes_per_s = ops_per_s * cfg.bs
+    return {
+        "benchmark": "blk",
+        "abi": cfg.abi, "guest": cfg.guest, "notify": cfg.notify,
+        "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth, "image": cfg.image,
+        "seconds": round(g["elapsed"], 3),
+        "ops": ops,
+        "ops_per_s": round(ops_per_s, 1),
+        "bytes_per_s": round(bytes_per_s, 1),
+        "lat_us": g["lat_us"],
+        "doorbells_per_op": per(dq["doorbells"]),
+        "interrupts_per_op": per(dq["interrupts"]),
+        "exits_per_op": per(b["exits"] - a["exits"]),
+        "errors": g["errors"],
+        "counters": {
+            "device": dq,
+            "guest": g["counters"],
+            "exits": b["exits"] - a["exits"],
+            "host_io_wakeups": b["io_wakeups"] - a["io_wakeups"],
+        },
+        "limit": {"ops_per_s": round(limit["ops_per_s"], 1),
+                  "bytes_per_s": round(limit["bytes_per_s"], 1), "what": limit["what"]},
+        "ratio_to_limit": round(ops_per_s / limit["ops_per_s"], 4) if limit["ops_per_s"] else 0.0,
+        "machine": machine_info(),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------
+# guest side
+# ---------------------------------------------------------------------------------------
+def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
+    notify = Notify(a["notify"])
+    t = find_device(machine, spec.ID_BLOCK)
+    depth = a["depth"]
+    bs = a["bs"]
+    drv = VirtioBlkDriver(t, depth=depth, max_bytes=bs, queue_size=a["queue_size"],
+                          event_idx=notify is Notify.MITIGATED,
+                          poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
+                          always_kick=notify is Notify.ALWAYS)
+    rtype = B.T_OUT if "write" in a["rw"] else B.T_IN
+    n_out = 2 if rtype == B.T_OUT else 1
+    sectors = [o // SECTOR for o in block_offsets(a["rw"], bs, drv.capacity * SECTOR)]
+    n_sectors = len(sectors)
+    q = drv.q
+    add = q.add
+    get_used = q.get_used
+    pack = B.HEADER.pack_into
+    hdr_v = drv.hdr_v
+    status_v = drv.status_v
+    bufs = [[(drv.hdr[i], 16), (drv.data[i], bs), (drv.status[i], 1)] for i in range(depth)]
+    clock = time.perf_counter_ns
+    t_sub = [0] * depth
+    lat: list[int] = []
+    record = lat.append
+    pos = 0
+    errors = 0
+    ops = 0
+    measuring = False
+    stopping = False
+    inflight = 0
+    gstats = drv.stats
+    now = clock()
+    t_start_measure = now + int(a["warmup"] * 1e9)
+    t_end = t_start_measure + int(a["seconds"] * 1e9)
+    measure_t0 = measure_t1 = 0.0
+    g0: dict[str, int] = {}
+    exits0 = 0
+
+    for slot in range(depth):
+        pack(hdr_v[slot], 0, rtype, 0, sectors[pos])
+        pos = (pos + 1) % n_sectors
+        status_v[slot][0] = 0xFF
+        add(bufs[slot], n_out, slot)
+        t_sub[slot] = now
+        inflight += 1
+    drv.kick()
+    while True:
+        done = get_used()
+        if not done:
+            if stopping and not inflight:
+                break
+            drv.wait()
+            continue
+        now = clock()
+        for slot, _written in done:
+            inflight -= 1
+            if status_v[slot][0]:
+                errors += 1
+            if measuring:
+                record(now - t_sub[slot])
+                ops += 1
+            if not stopping:
+                pack(hdr_v[slot], 0, rtype, 0, sectors[pos])
+                pos += 1
+                if pos == n_sectors:
+                    pos = 0
+                status_v[slot][0] = 0xFF
+                add(bufs[slot], n_out, slot)
+                t_sub[slot] = now
+                inflight += 1
+        drv.kick()
+        if not measuring and not stopping and now >= t_start_measure:
+            machine.mark("start")
+            measuring = True
+            measure_t0 = time.perf_counter()
+            g0 = gstats.as_dict()
+            exits0 = machine.exits
+            t_end = clock() + int(a["seconds"] * 1e9)
+        elif measuring and now >= t_end:
+            measure_t1 = time.perf_counter()
+            machine.mark("end")
+            g1 = gstats.as_dict()
+            measuring = False
+            stopping = True
+    counters = {k: g1[k] - g0[k] for k in g1}
+    counters["exits"] = machine.exits - exits0
+    counters["isr_acks"] = t.acks
+    return {"ops": ops, "elapsed": measure_t1 - measure_t0, "errors": errors,
+            "lat_us": latency_summary_us(lat), "counters": counters}

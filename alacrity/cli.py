@@ -1,0 +1,117 @@
+"""The `alacrity` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, NoReturn, Sequence
+
+from alacrity.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one clear line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def size(text: str) -> int:
+    """'4096', '4k', '64K', '1M', '1G' -> bytes."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 4k, 1M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def build_parser() -> Parser:
+    from alacrity.bench import blk
+
+    p = Parser(prog="alacrity", description="Paravirtual I/O (virtio and vbus), side by side, measured.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the devices do")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    bench = sub.add_parser("bench", help="run one benchmark")
+    bsub = bench.add_subparsers(dest="what", required=True, parser_class=Parser)
+
+    b = bsub.add_parser("blk", help="block I/O through a guest, a ring and a device",
+                        description="Block I/O from a guest through a ring to a block device. "
+                                    "Write workloads overwrite the image.")
+    b.add_argument("--abi", default="virtio-split", choices=blk.ABIS)
+    b.add_argument("--guest", default="process", choices=blk.GUESTS)
+    b.add_argument("--rw", default="read", choices=blk.RWS)
+    b.add_argument("--bs", type=size, default=4096, help="request size in bytes (default 4096)")
+    b.add_argument("--depth", type=int, default=1, help="requests in flight (default 1)")
+    b.add_argument("--seconds", type=positive_float, default=5.0, help="measured time (default 5)")
+    b.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds, not measured (default 1)")
+    b.add_argument("--image", default="null", help="image file, or null (default)")
+    b.add_argument("--notify", default="mitigated", choices=blk.NOTIFY,
+                   help="always: no suppression; mitigated: EVENT_IDX; poll: both sides poll")
+    b.add_argument("--queue-size", type=int, default=256)
+    b.add_argument("--poll-us", type=positive_float, default=200.0,
+                   help="busy-poll budget before sleeping, with --notify poll (default 200)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="alacrity: %(name)s: %(message)s")
+    try:
+        if args.command == "bench" and args.what == "blk":
+            return bench_blk(args)
+    except ConfigError as e:
+        sys.stderr.write(f"alacrity: error: {e}\n")
+        return EXIT_USAGE
+    parser.error(f"unknown command {args.command}")
+
+
+def bench_blk(args: Any) -> int:
+    from alacrity.bench import blk
+    from alacrity.bench.report import bench_table, progress
+    from alacrity.guest.process import GuestDied
+
+    cfg = blk.BlkBench(abi=args.abi, guest=args.guest, rw=args.rw, bs=args.bs, depth=args.depth,
+                       seconds=args.seconds, warmup=max(0.0, args.warmup), image=args.image,
+                       notify=args.notify, queue_size=args.queue_size, poll_us=args.poll_us)
+    cfg.validate()
+    desc = f"blk {cfg.rw} {cfg.bs} B depth {cfg.depth} {cfg.abi} {cfg.notify}"
+    try:
+        with progress(desc, enabled=sys.stderr.isatty() or not args.json) as tick:
+            result = blk.run(cfg, tick)
+    except (GuestDied, RuntimeError) as e:
+        sys.stderr.write(f"alacrity: bench failed: {e}\n")
+        return 1
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+        Console().print(bench_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transport-free device cores and their backends. No ring code here."""

@@ -1,0 +1,1 @@
+"""Guests: process guests (a Python driver in another process) and their drivers."""

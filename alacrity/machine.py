@@ -1,0 +1,110 @@
+"""A machine as the host builds it: guest RAM, the bus with its devices, the doorbells and
+interrupt lines, and the I/O thread that serves them. Any kind of guest (a process guest
+now, a KVM VM later) attaches to a Machine; the devices cannot tell which kind it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from alacrity.bus import Bus, IoEventFd, IrqLine, Space
+from alacrity.iothread import IoThread
+from alacrity.memory import GuestMemory
+from alacrity.virtio.device import Notify, VirtioDevice
+from alacrity.virtio.mmio import R_QUEUE_NOTIFY, WINDOW, VirtioMmioDevice
+
+RAM_BASE = 0
+MMIO_BASE = 0xD000_0000
+MMIO_STRIDE = 0x1000
+FIRST_GSI = 5
+
+
+@dataclass
+class DeviceSlot:
+    kind: str
+    name: str
+    base: int
+    size: int
+    irq: IrqLine
+    device: Any
+    doorbells: list[IoEventFd]
+
+
+class Machine:
+    def __init__(self, ram_size: int = 64 << 20, *, poll_us: float = 0.0):
+        self.mem = GuestMemory.create([(RAM_BASE, ram_size)])
+        self.bus = Bus()
+        self.io = IoThread(poll_us).start()
+        self.slots: list[DeviceSlot] = []
+
+    def add_virtio_mmio(self, model: VirtioDevice, *, notify: Notify = Notify.MITIGATED,
+                        name: str | None = None, **options: Any) -> VirtioMmioDevice:
+        """Place a virtio device behind a virtio-mmio window, with a doorbell per queue."""
+        i = len(self.slots)
+        base = MMIO_BASE + i * MMIO_STRIDE
+        name = name or f"{model.name}{i}"
+        irq = IrqLine(FIRST_GSI + i)
+        dev = VirtioMmioDevice(model, self.mem, irq, name=name, notify=notify,
+                               defer=self.io.defer, **options)
+        self.bus.map(Space.MMIO, base, WINDOW, dev, name)
+        doorbells = []
+        for qi in range(model.num_queues):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            ev = IoEventFd(Space.MMIO, base + R_QUEUE_NOTIFY, 4, qi, fd,
+                           lambda n, qi=qi: dev.doorbell(qi, n))
+            self.bus.add_ioeventfd(ev)
+            self.io.add_reader(fd, self._reader(ev))
+            doorbells.append(ev)
+        if Notify(notify) is Notify.POLL:
+            self.io.add_poller(dev)
+        self.slots.append(DeviceSlot("virtio-mmio", name, base, WINDOW, irq, dev, doorbells))
+        return dev
+
+    @staticmethod
+    def _reader(ev: IoEventFd):
+        def on_readable() -> None:
+            try:
+                n = os.eventfd_read(ev.fd)
+            except BlockingIOError:
+                return
+            ev.on_signal(n)
+        return on_readable
+
+    def describe(self) -> tuple[dict[str, Any], list[int]]:
+        """What a guest needs to know (like a device tree), and the fds it needs.
+        Every `fd` field in the description is an index into the fd list."""
+        fds: list[int] = []
+
+        def fd(n: int) -> int:
+            fds.append(n)
+            return len(fds) - 1
+
+        ram = [{"gpa": r.gpa, "size": r.size, "fd": fd(r.fd), "offset": r.fd_offset}
+               for r in self.mem.regions]
+        ioeventfds = [{"space": int(ev.space), "addr": ev.addr, "size": ev.size,
+                       "datamatch": ev.datamatch, "fd": fd(ev.fd)} for ev in self.bus.ioeventfds]
+        devices = [{"kind": s.kind, "name": s.name, "base": s.base, "size": s.size,
+                    "gsi": s.irq.gsi, "irq_fd": fd(s.irq.fd)} for s in self.slots]
+        return {"ram": ram, "ioeventfds": ioeventfds, "devices": devices}, fds
+
+    def reset(self) -> None:
+        """Reset every device (after a guest went away)."""
+        for s in self.slots:
+            self.io.call_sync(s.device.reset)
+
+    def close(self) -> None:
+        self.io.close()
+        for s in self.slots:
+            for ev in s.doorbells:
+                os.close(ev.fd)
+            s.irq.close()
+        self.slots.clear()
+        self.mem.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
