@@ -85,7 +85,7 @@ class VirtioMmioDevice:
     def __init__(self, model: VirtioDevice, mem: GuestMemory, irq: IrqLine, *,
                  name: str | None = None, notify: Notify = Notify.MITIGATED,
                  offer_event_idx: bool = True, offer_indirect: bool = True,
-                 budget: int = 32, defer: Callable[[object, Callable[[], bool]], None] | None = None):
+                 budget: int = 8, defer: Callable[[object, Callable[[], bool]], None] | None = None):
         self.model = model
         self.mem = mem
         self.irq = irq
@@ -97,6 +97,7 @@ class VirtioMmioDevice:
         self.budget = budget          # chains per pass before other work gets a turn
         self.defer = defer            # hands unfinished work back to the I/O loop
         self._pending: set[int] = set()
+        self.polling = False          # an I/O thread is busy-polling our queues
         self.lock = threading.RLock()
         self.stats = [QueueStats() for _ in range(model.num_queues)]
         self.config_generation = 0
@@ -361,6 +362,8 @@ class VirtioMmioDevice:
             vq = self.queues[qi]
             if vq is None:
                 return  # a notify for a queue that is not ready: nothing to do (spec 4.2.3.3)
+            if self.polling:
+                return  # the poller is looking at this ring anyway
             self._service(vq)
 
     def _service(self, vq: VirtQueue) -> None:
@@ -393,6 +396,7 @@ class VirtioMmioDevice:
     # -- polling (iothread.Poller) ---------------------------------------------------------
     def poll_start(self) -> None:
         with self.lock:
+            self.polling = True
             for vq in self.active:
                 vq.ring.disable_notify()
 
@@ -418,6 +422,7 @@ class VirtioMmioDevice:
     def poll_stop(self) -> bool:
         pending = False
         with self.lock:
+            self.polling = False
             for vq in self.active:
                 if vq.ring.enable_notify():
                     pending = True

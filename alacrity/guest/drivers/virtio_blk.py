@@ -57,8 +57,11 @@ class VirtioBlkDriver:
         self.max_bytes = max_bytes
         mem = t.m.mem
         alloc = t.m.alloc.alloc
-        self.hdr = [alloc(16, 16) for _ in range(depth)]
-        self.status = [alloc(1, 1) for _ in range(depth)]
+        # header and status byte of a slot share one cache line, and no slot shares a line
+        # with another: the device writes one slot while the driver rewrites the next
+        lines = [alloc(64, 64) for _ in range(depth)]
+        self.hdr = lines
+        self.status = [a + 16 for a in lines]
         self.data = [alloc(max(max_bytes, 512), 4096) for _ in range(depth)]
         self.hdr_v = [mem.view(a, 16) for a in self.hdr]
         self.status_v = [mem.view(a, 1) for a in self.status]
