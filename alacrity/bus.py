@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable, Protocol
@@ -108,7 +107,6 @@ class Bus:
     _ranges: dict[Space, list[_Range]] = field(default_factory=lambda: {Space.MMIO: [], Space.PIO: []})
     ioeventfds: list[IoEventFd] = field(default_factory=list)
     unhandled: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def map(self, space: Space, base: int, size: int, handler: Handler, name: str) -> None:
         ranges = self._ranges[space]

@@ -70,6 +70,9 @@ def build_parser() -> Parser:
     b.add_argument("--queue-size", type=int, default=256)
     b.add_argument("--poll-us", type=positive_float, default=200.0,
                    help="busy-poll budget before sleeping, with --notify poll (default 200)")
+    b.add_argument("--host-spin-us", type=float, default=50.0,
+                   help="the host I/O thread looks at its fds this long before sleeping "
+                        "(default 50; 0: sleep at once)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -95,7 +98,8 @@ def bench_blk(args: Any) -> int:
 
     cfg = blk.BlkBench(abi=args.abi, guest=args.guest, rw=args.rw, bs=args.bs, depth=args.depth,
                        seconds=args.seconds, warmup=max(0.0, args.warmup), image=args.image,
-                       notify=args.notify, queue_size=args.queue_size, poll_us=args.poll_us)
+                       notify=args.notify, queue_size=args.queue_size, poll_us=args.poll_us,
+                       host_spin_us=args.host_spin_us)
     cfg.validate()
     desc = f"blk {cfg.rw} {cfg.bs} B depth {cfg.depth} {cfg.abi} {cfg.notify}"
     try:

@@ -158,6 +158,8 @@ class GuestMemory:
         return True
 
     # -- little-endian helpers (slow path: config, setup, tests) --------------------------
+    # These use struct.pack_into, which zeroes the target before writing: never use them to
+    # publish an index or flag the other side is watching (use a cast memoryview store).
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.view(addr, length))
 

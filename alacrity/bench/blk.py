@@ -44,6 +44,7 @@ class BlkBench:
     notify: str = "mitigated"
     queue_size: int = 256
     poll_us: float = 200.0
+    host_spin_us: float = 50.0
     null_size: int = 1 << 30
     limit_seconds: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,8 @@ class BlkBench:
         if self.depth * 3 > self.queue_size:
             raise ConfigError(f"--depth {self.depth}: needs {self.depth * 3} descriptors, "
                               f"the queue has {self.queue_size}")
+        if self.host_spin_us < 0:
+            raise ConfigError(f"--host-spin-us {self.host_spin_us}: must be 0 or more")
         if self.seconds <= 0:
             raise ConfigError(f"--seconds {self.seconds}: must be positive")
         if self.image != "null":
@@ -87,7 +90,8 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
     backend = open_backend(cfg.image, read_only=not write, null_size=cfg.null_size)
     ram = max(32 << 20, cfg.depth * (cfg.bs + 4096) + (16 << 20))
     ram = (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
-    machine = Machine(ram, poll_us=cfg.poll_us if notify is Notify.POLL else 0)
+    machine = Machine(ram, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
+                      idle_spin_us=cfg.host_spin_us)
     try:
         model = B.VirtioBlk(BlockCore(backend), queue_max=cfg.queue_size)
         dev = machine.add_virtio_mmio(model, notify=notify)

@@ -149,6 +149,11 @@ class ProcessGuest:
             self.sock = None
         if self.result is None and self.error is None:
             self.error = why
+            # the guest went away in the middle of things: reset its devices, as a VMM
+            # resets a VM's devices, so the machine can take another guest
+            log.warning("process guest %s: %s; resetting its devices",
+                        self.proc.pid if self.proc else "?", why)
+            self.machine.reset()
         self._done.set()
 
     # -- waiting -------------------------------------------------------------------------
