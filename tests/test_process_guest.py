@@ -4,7 +4,6 @@ directions, and guests that die or misbehave while the host keeps working."""
 import hashlib
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 

@@ -100,7 +100,6 @@ def null_limit(rw: str, bs: int, seconds: float, capacity: int) -> dict[str, flo
             return batch
 
         ops, dt = _timed(loop, seconds)
-        del hdr, data, status, chain
     finally:
         mem.close()
     return {"ops_per_s": ops / dt, "bytes_per_s": ops * bs / dt,

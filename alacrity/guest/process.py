@@ -15,7 +15,6 @@ import importlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
@@ -28,6 +27,7 @@ import traceback
 from typing import Any, Callable
 
 from alacrity.bus import Space
+from alacrity.guest.access import GuestAccess
 from alacrity.memory import Allocator, GuestMemory, RegionInfo
 
 log = logging.getLogger("alacrity.guest")
@@ -213,31 +213,21 @@ class ProcessGuest:
 # ---------------------------------------------------------------------------------------
 # guest side
 # ---------------------------------------------------------------------------------------
-class GuestMachine:
-    """The machine as a process guest sees it: RAM, register access, doorbells, irqs."""
+class GuestMachine(GuestAccess):
+    """The machine as a process guest sees it: exits travel on the control socket."""
 
     def __init__(self, sock: socket.socket, boot: dict[str, Any], fds: list[int]):
+        super().__init__()
         self.sock = sock
         self.mem = GuestMemory.from_fds(
             [RegionInfo(r["gpa"], r["size"], fds[r["fd"]], r["offset"]) for r in boot["ram"]])
         top = max(r["gpa"] + r["size"] for r in boot["ram"])
         self.alloc = Allocator(GUEST_RAM_START, top)
-        self._doorbells: dict[tuple[int, int, int], list[tuple[int | None, int]]] = {}
         for ev in boot["ioeventfds"]:
-            key = (ev["space"], ev["addr"], ev["size"])
-            self._doorbells.setdefault(key, []).append((ev["datamatch"], fds[ev["fd"]]))
-        self.devices: list[dict[str, Any]] = boot["devices"]
+            self.add_doorbell(ev["space"], ev["addr"], ev["size"], ev["datamatch"], fds[ev["fd"]])
+        self.devices = boot["devices"]
         for d in self.devices:
             d["irq_fd"] = fds[d["irq_fd"]]
-        self.exits = 0
-        self.doorbells = 0
-
-    def doorbell_fd(self, space: int, addr: int, size: int, value: int) -> int | None:
-        """The eventfd a write of `value` at `addr` would signal, if it is a doorbell."""
-        for match, fd in self._doorbells.get((space, addr, size), ()):
-            if match is None or match == value:
-                return fd
-        return None
 
     def _reply(self) -> bytes:
         """Wait for the host's answer to an exit. A vCPU in an exit is not halted, so
@@ -250,26 +240,13 @@ class GuestMachine:
                 pass
         return recv(REPLY.size)
 
-    def read(self, space: int, addr: int, size: int) -> int:
-        self.exits += 1
+    def _exit_read(self, space: int, addr: int, size: int) -> int:
         self.sock.send(ACCESS.pack(K_READ, space, size, addr, 0))
         return REPLY.unpack(self._reply())[0]
 
-    def write(self, space: int, addr: int, size: int, value: int) -> None:
-        fd = self.doorbell_fd(space, addr, size, value)
-        if fd is not None:
-            self.doorbells += 1
-            os.eventfd_write(fd, 1)
-            return
-        self.exits += 1
+    def _exit_write(self, space: int, addr: int, size: int, value: int) -> None:
         self.sock.send(ACCESS.pack(K_WRITE, space, size, addr, value))
         self._reply()
-
-    def mmio_read(self, addr: int, size: int = 4) -> int:
-        return self.read(Space.MMIO, addr, size)
-
-    def mmio_write(self, addr: int, value: int, size: int = 4) -> None:
-        self.write(Space.MMIO, addr, size, value)
 
     def _send_json(self, msg: dict[str, Any]) -> None:
         self.sock.send(bytes([K_JSON]) + json.dumps(msg).encode())
@@ -284,13 +261,6 @@ class GuestMachine:
 
     def finish(self, ok: bool, data: Any = None, error: str = "") -> None:
         self._send_json({"type": "result", "ok": ok, "data": data, "error": error})
-
-
-def wait_fd(fd: int, timeout: float | None = None) -> bool:
-    """Block until `fd` is readable (the guest's way of waiting for an interrupt)."""
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(None if timeout is None else int(timeout * 1000)))
 
 
 def main(argv: list[str]) -> int:

@@ -133,6 +133,7 @@ class VirtioBlkDriver:
             self._need_ack = True
             if q.has_used():
                 break
+            self.ack()      # an interrupt without used buffers: maybe a config change
         if self.poll_ns:
             q.disable_cb()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from alacrity.bus import QueueStats, Space
 from alacrity.errors import DeviceError
-from alacrity.guest.process import wait_fd
+from alacrity.guest.access import wait_fd
 from alacrity.virtio import mmio as R
 from alacrity.virtio import spec
 from alacrity.virtio.split import SplitDriverQueue, ring_sizes
