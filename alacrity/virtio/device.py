@@ -2,9 +2,10 @@
 
 A `VirtioDevice` is the virtio framing of one device (virtio-blk, virtio-net...): its id,
 feature bits, config space and a handler per queue. It never sees a transport register or
-a ring layout. A `VirtQueue` joins a ring to its signals and runs the batched service loop:
-take every available chain in one pass, handle each, publish once, interrupt at most once,
-then re-enable doorbells and re-check (the vhost loop).
+a ring layout. A `VirtQueue` joins a ring to its signals and runs the batched service pass:
+take the available chains (up to a budget) in one pass, handle each, publish once,
+interrupt at most once; when the ring is empty, re-enable doorbells and re-check (the vhost
+loop, with vhost's weight as the budget).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Notify(str, Enum):
 class Ring(Protocol):
     """The device side of a ring (split now, packed later)."""
 
-    def pop(self) -> list[Chain]: ...
+    def pop(self, limit: int = ...) -> list[Chain]: ...
 
     def push(self, head: int, written: int) -> None: ...
 
