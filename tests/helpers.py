@@ -81,3 +81,56 @@ def mmio_bring_up(dev, features: int, queues: list[tuple[int, int, int, int]]) -
             dev.write(reg + 4, 4, addr >> 32)
         dev.write(R.R_QUEUE_READY, 4, 1)
     dev.write(R.R_STATUS, 4, status | spec.DRIVER_OK)
+
+
+class RawPackedRing:
+    """A packed ring written by hand: the test decides every flag, id and wrap bit."""
+
+    AVAIL, USED = 1 << 7, 1 << 15
+
+    def __init__(self, mem: GuestMemory, size: int, base: int = 0x10000):
+        self.mem = mem
+        self.size = size
+        self.desc = base
+        self.driver = base + 16 * size
+        self.device = self.driver + 64
+        self.pos = 0
+        self.wrap = 1
+
+    def avail_flags(self, wrap: int | None = None) -> int:
+        w = self.wrap if wrap is None else wrap
+        return self.AVAIL if w else self.USED
+
+    def put(self, addr: int, length: int, bid: int, flags: int, slot: int | None = None) -> int:
+        """Write one descriptor at `slot` (default: the next position) with `flags` exactly."""
+        s = self.pos if slot is None else slot
+        DESC.pack_into(self.mem.view(self.desc + 16 * s, 16), 0, addr, length, bid, flags)
+        return s
+
+    def offer(self, elems: list[tuple[int, int, bool]], bid: int) -> int:
+        """Make one buffer available the proper way (head flags last). Returns its slot."""
+        head = self.pos
+        head_flags = 0
+        for j, (a, n, writable) in enumerate(elems):
+            f = self.avail_flags() | (WRITE if writable else 0) | (NEXT if j < len(elems) - 1 else 0)
+            if j == 0:
+                head_flags = f
+                self.put(a, n, bid, 0)
+            else:
+                self.put(a, n, bid, f)
+            self.pos += 1
+            if self.pos == self.size:
+                self.pos = 0
+                self.wrap ^= 1
+        self.mem.write_u16(self.desc + 16 * head + 14, head_flags)
+        return head
+
+    def slot(self, s: int) -> tuple[int, int, int, int]:
+        return DESC.unpack_from(self.mem.view(self.desc + 16 * s, 16))
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        self.mem.write_u32(self.driver, off_wrap | flags << 16)
+
+    def device_event(self) -> tuple[int, int]:
+        v = self.mem.read_u32(self.device)
+        return v & 0xFFFF, v >> 16

@@ -53,6 +53,7 @@ def test_bench_blk_on_a_file_with_a_table(tmp_path):
     (["--rw", "sideways"], "--rw"),
     (["--notify", "sometimes"], "--notify"),
     (["--abi", "vbus"], "--abi"),
+    (["--abi", "virtio-packed", "--depth", "100"], "--depth"),
     (["--guest", "kvm"], "--guest"),
     (["--seconds", "-1"], "--seconds"),
     (["--image", "/nonexistent/disk.img"], "no such file"),

@@ -76,7 +76,8 @@ def handshake(dev, features):
     (V1 | spec.bit(F_FLUSH) | spec.bit(spec.F_EVENT_IDX), True),
     (0, False),                                  # no VERSION_1: a legacy driver
     (V1 | spec.bit(F_RO), False),                # RO is not offered for a writable disk
-    (V1 | spec.bit(spec.F_RING_PACKED), False),  # not offered (yet)
+    (V1 | spec.bit(spec.F_RING_PACKED), True),
+    (V1 | spec.bit(spec.F_IN_ORDER), False),     # not offered
     (V1 | spec.bit(50), False),
 ])
 def test_features_ok_handshake(env, features, ok):

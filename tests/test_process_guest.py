@@ -91,7 +91,7 @@ def test_selftest_reports_device_facts(host):
 def test_killing_the_guest_mid_run_leaves_the_host_usable(host):
     m, dev, _ = host
     g = ProcessGuest(m).start("alacrity.bench.blk:guest_main", {
-        "rw": "randwrite", "bs": 4096, "depth": 8, "seconds": 30, "warmup": 0.0,
+        "abi": "virtio-split", "rw": "randwrite", "bs": 4096, "depth": 8, "seconds": 30, "warmup": 0.0,
         "notify": "mitigated", "queue_size": 64, "poll_us": 0})
     deadline = time.monotonic() + 20
     while dev.stats[0].requests < 2000:                 # it is really working

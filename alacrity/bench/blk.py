@@ -25,7 +25,7 @@ from alacrity.virtio import blk as B
 from alacrity.virtio import spec
 from alacrity.virtio.device import Notify
 
-ABIS = ("virtio-split",)
+ABIS = ("virtio-split", "virtio-packed")
 GUESTS = ("process",)
 RWS = ("read", "write", "randread", "randwrite")
 NOTIFY = tuple(n.value for n in Notify)
@@ -106,7 +106,7 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
         t0 = time.monotonic()
         total = cfg.warmup + cfg.seconds
         guest.start("alacrity.bench.blk:guest_main", {
-            "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth, "seconds": cfg.seconds,
+            "abi": cfg.abi, "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth, "seconds": cfg.seconds,
             "warmup": cfg.warmup, "notify": cfg.notify, "queue_size": cfg.queue_size,
             "poll_us": cfg.poll_us})
         try:
@@ -189,7 +189,8 @@ def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
     drv = VirtioBlkDriver(t, depth=depth, max_bytes=bs, queue_size=a["queue_size"],
                           event_idx=notify is Notify.MITIGATED,
                           poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
-                          always_kick=notify is Notify.ALWAYS)
+                          always_kick=notify is Notify.ALWAYS,
+                          packed=a["abi"] == "virtio-packed")
     rtype = B.T_OUT if "write" in a["rw"] else B.T_IN
     n_out = 2 if rtype == B.T_OUT else 1
     sectors = [o // SECTOR for o in block_offsets(a["rw"], bs, drv.capacity * SECTOR)]

@@ -16,7 +16,7 @@ from typing import Callable
 from alacrity.devices.block import BlockCore, NullBackend
 from alacrity.memory import GuestMemory
 from alacrity.virtio import blk as B
-from alacrity.virtio.split import Chain
+from alacrity.virtio.chain import Chain
 
 
 def block_offsets(rw: str, bs: int, capacity: int, seed: int = 1, n: int = 1 << 16) -> list[int]:

@@ -15,7 +15,7 @@ import struct
 from alacrity.devices.block import ID_BYTES, SECTOR, BlockCore, Status, _advance
 from alacrity.virtio import spec
 from alacrity.virtio.device import Handler, VirtioDevice
-from alacrity.virtio.split import Chain
+from alacrity.virtio.chain import Chain
 
 log = logging.getLogger("alacrity.virtio.blk")
 

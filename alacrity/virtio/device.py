@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Callable, Protocol
 
 from alacrity.bus import QueueStats
-from alacrity.virtio.split import Chain
+from alacrity.virtio.chain import Chain
 
 
 class Notify(str, Enum):

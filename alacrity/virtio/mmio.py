@@ -17,6 +17,7 @@ from alacrity.errors import GuestError
 from alacrity.memory import GuestMemory
 from alacrity.virtio import spec
 from alacrity.virtio.device import Notify, VirtioDevice, VirtQueue
+from alacrity.virtio.packed import PackedQueue
 from alacrity.virtio.split import SplitQueue
 
 log = logging.getLogger("alacrity.virtio.mmio")
@@ -85,6 +86,7 @@ class VirtioMmioDevice:
     def __init__(self, model: VirtioDevice, mem: GuestMemory, irq: IrqLine, *,
                  name: str | None = None, notify: Notify = Notify.MITIGATED,
                  offer_event_idx: bool = True, offer_indirect: bool = True,
+                 offer_packed: bool = True,
                  budget: int = 8, defer: Callable[[object, Callable[[], bool]], None] | None = None):
         self.model = model
         self.mem = mem
@@ -93,7 +95,8 @@ class VirtioMmioDevice:
         self.notify_mode = Notify(notify)
         self.offered = (model.device_features() | spec.bit(spec.F_VERSION_1)
                         | (spec.bit(spec.F_EVENT_IDX) if offer_event_idx else 0)
-                        | (spec.bit(spec.F_INDIRECT_DESC) if offer_indirect else 0))
+                        | (spec.bit(spec.F_INDIRECT_DESC) if offer_indirect else 0)
+                        | (spec.bit(spec.F_RING_PACKED) if offer_packed else 0))
         self.budget = budget          # chains per pass before other work gets a turn
         self.defer = defer            # hands unfinished work back to the I/O loop
         self._pending: set[int] = set()
@@ -280,9 +283,10 @@ class VirtioMmioDevice:
         if q.num > self.model.queue_max:
             raise GuestError(f"queue {qi} size {q.num} exceeds QueueNumMax {self.model.queue_max}")
         feats = self.driver_features
-        ring = SplitQueue(self.mem, q.num, q.desc, q.driver, q.device,
-                          event_idx=bool(feats & spec.bit(spec.F_EVENT_IDX)),
-                          indirect=bool(feats & spec.bit(spec.F_INDIRECT_DESC)))
+        kind = PackedQueue if feats & spec.bit(spec.F_RING_PACKED) else SplitQueue
+        ring = kind(self.mem, q.num, q.desc, q.driver, q.device,
+                    event_idx=bool(feats & spec.bit(spec.F_EVENT_IDX)),
+                    indirect=bool(feats & spec.bit(spec.F_INDIRECT_DESC)))
         q.ready = True
         vq = VirtQueue(qi, ring, self.stats[qi], self._interrupt,
                        suppress=self.notify_mode is not Notify.ALWAYS,

@@ -29,6 +29,13 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
+# Packed virtqueue (2.8)
+DESC_F_AVAIL = 1 << 7
+DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+
 MAX_QUEUE_SIZE = 32768
 
 # Our vendor id in virtio-mmio ("ALAC" would be cute, but QEMU-style little-endian ASCII)

@@ -16,6 +16,7 @@ import struct
 from typing import Sequence
 
 from alacrity.errors import DeviceError, GuestError
+from alacrity.virtio.chain import Chain
 from alacrity.memory import GuestMemory, full_barrier
 from alacrity.virtio.spec import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT,
                                   DESC_F_WRITE, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, need_event)
@@ -32,25 +33,6 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
 def check_size(size: int) -> None:
     if not (0 < size <= MAX_QUEUE_SIZE) or size & (size - 1):
         raise GuestError(f"split queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
-
-
-class Chain:
-    """One descriptor chain as the device sees it: the device-readable pieces, then the
-    device-writable pieces, each a view of guest memory already checked against RAM."""
-
-    __slots__ = ("head", "readable", "writable", "read_len", "write_len")
-
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 read_len: int, write_len: int):
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.read_len = read_len
-        self.write_len = write_len
-
-    def __repr__(self) -> str:
-        return (f"Chain(head={self.head}, readable={[len(v) for v in self.readable]}, "
-                f"writable={[len(v) for v in self.writable]})")
 
 
 class SplitQueue:

@@ -30,7 +30,7 @@ class BlkError(IOError):
 class VirtioBlkDriver:
     def __init__(self, transport: Any, *, depth: int = 1, max_bytes: int = 4096,
                  queue_size: int = 256, event_idx: bool = True, indirect: bool = False,
-                 poll_us: float = 0.0, always_kick: bool = False):
+                 poll_us: float = 0.0, always_kick: bool = False, packed: bool = False):
         t = self.t = transport
         if t.device_id != spec.ID_BLOCK:
             raise DeviceError(f"device id {t.device_id} is not a block device")
@@ -39,7 +39,11 @@ class VirtioBlkDriver:
             wanted |= spec.bit(spec.F_EVENT_IDX)
         if indirect:
             wanted |= spec.bit(spec.F_INDIRECT_DESC)
+        if packed:
+            wanted |= spec.bit(spec.F_RING_PACKED)
         t.negotiate(wanted)
+        if packed and not t.has(spec.F_RING_PACKED):
+            raise DeviceError("the device does not offer VIRTIO_F_RING_PACKED")
         self.capacity = t.read_config(0, 8)              # sectors
         self.size_max = t.read_config(8, 4) if t.has(B.F_SIZE_MAX) else 0
         self.seg_max = t.read_config(12, 4) if t.has(B.F_SEG_MAX) else 0
@@ -134,7 +138,10 @@ class VirtioBlkDriver:
             if q.has_used():
                 break
             self.ack()      # an interrupt without used buffers: maybe a config change
-        if self.poll_ns:
+        if not self.always_kick:
+            # mute interrupts while we reap (as Linux's virtblk_done does). With a split ring
+            # and EVENT_IDX a stale used_event does this already; a packed ring's event
+            # offset is only meaningful within two laps of the ring, so it must be said.
             q.disable_cb()
 
     def ack(self) -> None:

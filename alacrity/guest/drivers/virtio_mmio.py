@@ -12,6 +12,8 @@ from alacrity.errors import DeviceError
 from alacrity.guest.access import wait_fd
 from alacrity.virtio import mmio as R
 from alacrity.virtio import spec
+from alacrity.virtio.packed import PackedDriverQueue
+from alacrity.virtio.packed import ring_sizes as packed_sizes
 from alacrity.virtio.split import SplitDriverQueue, ring_sizes
 
 
@@ -28,7 +30,7 @@ class MmioTransport:
         self.device_id = self.r(R.R_DEVICE_ID)
         self.features = 0
         self.status = 0
-        self.queues: dict[int, SplitDriverQueue] = {}
+        self.queues: dict[int, SplitDriverQueue | PackedDriverQueue] = {}
         self.stats: dict[int, QueueStats] = {}
         self._notify_fd: dict[int, int | None] = {}
         self.interrupts = 0
@@ -103,7 +105,8 @@ class MmioTransport:
         return self.r(R.R_STATUS)
 
     # -- queues ----------------------------------------------------------------------------
-    def setup_queue(self, qi: int, size: int, *, indirect_max: int = 0) -> SplitDriverQueue:
+    def setup_queue(self, qi: int, size: int, *,
+                    indirect_max: int = 0) -> SplitDriverQueue | PackedDriverQueue:
         self.w(R.R_QUEUE_SEL, qi)
         if self.r(R.R_QUEUE_READY):
             raise DeviceError(f"{self.name}: queue {qi} is already live")
@@ -111,18 +114,21 @@ class MmioTransport:
         if qmax == 0:
             raise DeviceError(f"{self.name}: queue {qi} does not exist")
         size = min(size, qmax)
-        size = 1 << (size.bit_length() - 1)   # split rings are a power of two
-        dsz, asz, usz = ring_sizes(size)
+        packed = self.has(spec.F_RING_PACKED)
+        if not packed:
+            size = 1 << (size.bit_length() - 1)   # split rings are a power of two
+        dsz, asz, usz = (packed_sizes if packed else ring_sizes)(size)
         alloc = self.m.alloc.alloc
-        desc, avail, used = alloc(dsz, 4096), alloc(asz, 64), alloc(usz, 4096)
+        # each part on its own cache lines: the two sides write different parts
+        desc, avail, used = alloc(dsz, 4096), alloc(asz, 64), alloc(usz, 64)
         tables: list[int] = []
         if indirect_max and self.has(spec.F_INDIRECT_DESC):
             tables = [alloc(16 * indirect_max, 16) for _ in range(size)]
         else:
             indirect_max = 0
-        q = SplitDriverQueue(self.m.mem, size, desc, avail, used,
-                             event_idx=self.has(spec.F_EVENT_IDX),
-                             indirect_tables=tables, indirect_max=indirect_max)
+        kind = PackedDriverQueue if packed else SplitDriverQueue
+        q = kind(self.m.mem, size, desc, avail, used, event_idx=self.has(spec.F_EVENT_IDX),
+                 indirect_tables=tables, indirect_max=indirect_max)
         self.w(R.R_QUEUE_NUM, size)
         for reg, addr in ((R.R_QUEUE_DESC_LOW, desc), (R.R_QUEUE_DRIVER_LOW, avail),
                           (R.R_QUEUE_DEVICE_LOW, used)):
