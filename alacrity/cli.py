@@ -74,6 +74,25 @@ def build_parser() -> Parser:
                    help="the host I/O thread looks at its fds this long before sleeping "
                         "(default 50; 0: sleep at once)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    from alacrity.bench import net
+    n = bsub.add_parser("net", help="frames through a guest, a ring and a network device",
+                        description="Ethernet frames from a guest through rings to the net "
+                                    "device core and back.")
+    n.add_argument("--abi", default="virtio-split", choices=net.ABIS)
+    n.add_argument("--guest", default="process", choices=net.GUESTS)
+    n.add_argument("--mode", default="stream", choices=net.MODES,
+                   help="stream: keep the tx ring full; pingpong: one frame in flight")
+    n.add_argument("--size", type=size, default=64, help="frame size in bytes (default 64)")
+    n.add_argument("--seconds", type=positive_float, default=5.0, help="measured time (default 5)")
+    n.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds (default 1)")
+    n.add_argument("--notify", default="mitigated", choices=net.NOTIFY)
+    n.add_argument("--backend", default="loopback", choices=net.BACKENDS,
+                   help="loopback: frames come back to the sender; pair: two devices on a wire")
+    n.add_argument("--queue-size", type=int, default=256)
+    n.add_argument("--poll-us", type=positive_float, default=200.0)
+    n.add_argument("--host-spin-us", type=float, default=50.0)
+    n.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
@@ -85,36 +104,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench" and args.what == "blk":
             return bench_blk(args)
+        if args.command == "bench" and args.what == "net":
+            return bench_net(args)
     except ConfigError as e:
         sys.stderr.write(f"alacrity: error: {e}\n")
         return EXIT_USAGE
     parser.error(f"unknown command {args.command}")
 
 
-def bench_blk(args: Any) -> int:
-    from alacrity.bench import blk
+def _run_bench(module: Any, cfg: Any, desc: str, as_json: bool) -> int:
     from alacrity.bench.report import bench_table, progress
     from alacrity.guest.process import GuestDied
 
-    cfg = blk.BlkBench(abi=args.abi, guest=args.guest, rw=args.rw, bs=args.bs, depth=args.depth,
-                       seconds=args.seconds, warmup=max(0.0, args.warmup), image=args.image,
-                       notify=args.notify, queue_size=args.queue_size, poll_us=args.poll_us,
-                       host_spin_us=args.host_spin_us)
     cfg.validate()
-    desc = f"blk {cfg.rw} {cfg.bs} B depth {cfg.depth} {cfg.abi} {cfg.notify}"
     try:
-        with progress(desc, enabled=sys.stderr.isatty() or not args.json) as tick:
-            result = blk.run(cfg, tick)
+        with progress(desc, enabled=sys.stderr.isatty() or not as_json) as tick:
+            result = module.run(cfg, tick)
     except (GuestDied, RuntimeError) as e:
         sys.stderr.write(f"alacrity: bench failed: {e}\n")
         return 1
-    if args.json:
+    if as_json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
     else:
         from rich.console import Console
         Console().print(bench_table(result))
     return 0
+
+
+def bench_net(args: Any) -> int:
+    from alacrity.bench import net
+
+    cfg = net.NetBench(abi=args.abi, guest=args.guest, mode=args.mode, size=args.size,
+                       seconds=args.seconds, warmup=max(0.0, args.warmup), notify=args.notify,
+                       backend=args.backend, queue_size=args.queue_size, poll_us=args.poll_us,
+                       host_spin_us=args.host_spin_us)
+    desc = f"net {cfg.mode} {cfg.size} B {cfg.backend} {cfg.abi} {cfg.notify}"
+    return _run_bench(net, cfg, desc, args.json)
+
+
+def bench_blk(args: Any) -> int:
+    from alacrity.bench import blk
+
+    cfg = blk.BlkBench(abi=args.abi, guest=args.guest, rw=args.rw, bs=args.bs, depth=args.depth,
+                       seconds=args.seconds, warmup=max(0.0, args.warmup), image=args.image,
+                       notify=args.notify, queue_size=args.queue_size, poll_us=args.poll_us,
+                       host_spin_us=args.host_spin_us)
+    desc = f"blk {cfg.rw} {cfg.bs} B depth {cfg.depth} {cfg.abi} {cfg.notify}"
+    return _run_bench(blk, cfg, desc, args.json)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ window (warm-up excluded). The physical limit is measured in the same run.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from alacrity.bench.common import machine_info
 from alacrity.bench.limits import block_offsets, file_limit, null_limit
 from alacrity.bench.stats import latency_summary_us
 from alacrity.devices.block import SECTOR, BlockCore, open_backend
@@ -98,7 +98,7 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
         guest = ProcessGuest(machine)
         marks: dict[str, dict[str, Any]] = {}
 
-        def on_mark(name: str) -> None:
+        def on_mark(name: str, data: dict[str, Any]) -> None:
             marks[name] = {"queue": dev.stats[0].as_dict(), "exits": guest.exits,
                            "io_wakeups": machine.io.wakeups, "t": time.perf_counter()}
 
@@ -162,20 +162,6 @@ def assemble(cfg: BlkBench, g: dict[str, Any], marks: dict[str, dict[str, Any]],
         "machine": machine_info(),
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
     }
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------

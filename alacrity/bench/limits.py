@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from alacrity.devices.block import BlockCore, NullBackend
 from alacrity.memory import GuestMemory
@@ -104,3 +104,129 @@ def null_limit(rw: str, bs: int, seconds: float, capacity: int) -> dict[str, flo
         mem.close()
     return {"ops_per_s": ops / dt, "bytes_per_s": ops * bs / dt,
             "what": "virtio-blk handler on null, in one process, no ring"}
+
+
+# -- net ------------------------------------------------------------------------------------
+def net_stream_limit(size: int, seconds: float, batch: int = 32) -> dict[str, float]:
+    """The same frames through the net device core in one process: transmit on a loopback
+    backend, receive into the backlog, take them out. No ring, no second process."""
+    from alacrity.devices.net import LoopbackBackend, NetCore
+
+    core = NetCore(LoopbackBackend())
+    backlog = core.backlog
+    frames = [bytes(size)] * batch
+
+    def loop(n: int) -> int:
+        for _ in range(n):
+            core.transmit(frames)
+            backlog.clear()
+        return n * batch
+
+    ops, dt = _timed(loop, seconds)
+    return {"ops_per_s": ops / dt, "bytes_per_s": ops * size / dt,
+            "what": f"{size} B frames through the net core on loopback, in one process, no ring"}
+
+
+class EventfdEcho:
+    """Host half of the eventfd round-trip limit: on the I/O thread, answer each ping."""
+
+    def __init__(self, io: Any):
+        self.io = io
+        self.ping = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.pong = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.active = False
+
+    def start(self) -> None:
+        self.io.add_reader(self.ping, self._on_ping)
+        self.active = True
+
+    def _on_ping(self) -> None:
+        try:
+            os.eventfd_read(self.ping)
+        except BlockingIOError:
+            return
+        os.eventfd_write(self.pong, 1)
+
+    def stop(self) -> None:
+        if self.active:
+            self.io.remove_reader(self.ping)
+            self.active = False
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.ping)
+        os.close(self.pong)
+
+
+class ShmEcho:
+    """Host half of the shared-memory round-trip limit: a poller on the I/O thread copies
+    the guest's ping word to the pong word (both in guest RAM, one cache line)."""
+
+    def __init__(self, io: Any, mem: Any, addr: int):
+        self.io = io
+        self.words = mem.view(addr, 8).cast("I")
+        self.last = self.words[0]
+
+    def poll_start(self) -> None:
+        pass
+
+    def poll(self) -> bool:
+        v = self.words[0]
+        if v != self.last:
+            self.last = v
+            self.words[1] = v
+            return True
+        return False
+
+    def poll_stop(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        self.io.add_poller(self)
+
+    def stop(self) -> None:
+        self.io.remove_poller(self)
+
+
+def guest_eventfd_rtt(ping: int, pong: int, seconds: float) -> list[int]:
+    """Guest half: round trips through the host's EventfdEcho; returns ns per round trip."""
+    import select
+    p = select.poll()
+    p.register(pong, select.POLLIN)
+    clock = time.perf_counter_ns
+    out = []
+    end = clock() + int(seconds * 1e9)
+    while True:
+        t = clock()
+        if t >= end:
+            return out
+        os.eventfd_write(ping, 1)
+        while True:
+            p.poll(1000)
+            try:
+                os.eventfd_read(pong)
+                break
+            except BlockingIOError:
+                continue
+        out.append(clock() - t)
+
+
+def guest_shm_rtt(mem: Any, addr: int, seconds: float) -> list[int]:
+    """Guest half: round trips through the host's ShmEcho, both sides spinning."""
+    words = mem.view(addr, 8).cast("I")
+    clock = time.perf_counter_ns
+    out = []
+    seq = words[0]
+    end = clock() + int(seconds * 1e9)
+    spins = 0
+    while True:
+        t = clock()
+        if t >= end:
+            return out
+        seq = (seq + 1) & 0xFFFFFFFF
+        words[0] = seq
+        while words[1] != seq:
+            spins += 1
+            if spins & 0xFFFFF == 0 and clock() > end + 1_000_000_000:
+                raise TimeoutError("the host stopped answering the shared-memory ping")
+        out.append(clock() - t)

@@ -59,7 +59,7 @@ class GuestAccess:
     def mmio_write(self, addr: int, value: int, size: int = 4) -> None:
         self.write(Space.MMIO, addr, size, value)
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, **data: Any) -> None:
         """A measurement point (process guests tell the host; others ignore it)."""
 
 

@@ -17,6 +17,7 @@ class LocalGuest(GuestAccess):
     def __init__(self, machine: Any, *, alloc_start: int = 1 << 20):
         super().__init__()
         self.host = machine
+        self.extra_fds: list[int] = []
         self.mem = machine.mem
         self.alloc = Allocator(alloc_start, max(r.end for r in machine.mem.regions))
         desc, _ = machine.describe()

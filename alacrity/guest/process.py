@@ -57,12 +57,14 @@ class ProcessGuest:
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
         self._done = threading.Event()
-        self.on_mark: Callable[[str], None] = lambda name: None
+        self.on_mark: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self.exits = 0
         self._stderr = tempfile.TemporaryFile()
 
-    def start(self, entry: str, args: dict[str, Any]) -> "ProcessGuest":
-        """Boot a guest that runs `entry` ("module:function") with `args`."""
+    def start(self, entry: str, args: dict[str, Any],
+              extra_fds: list[int] | None = None) -> "ProcessGuest":
+        """Boot a guest that runs `entry` ("module:function") with `args`; `extra_fds`
+        reach the guest as `machine.extra_fds` (benchmarks pass their own eventfds)."""
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         env.setdefault("PYTHONHASHSEED", "0")
@@ -73,6 +75,8 @@ class ProcessGuest:
         desc, fds = self.machine.describe()
         desc["entry"] = entry
         desc["args"] = args
+        desc["extra_fds"] = list(range(len(fds), len(fds) + len(extra_fds or [])))
+        fds = fds + list(extra_fds or [])
         socket.send_fds(host, [json.dumps(desc).encode()], fds)
         host.setblocking(False)
         self.sock = host
@@ -129,7 +133,7 @@ class ProcessGuest:
         t = msg["type"]
         assert self.sock is not None
         if t == "mark":
-            self.on_mark(str(msg["name"]))
+            self.on_mark(str(msg["name"]), dict(msg.get("data") or {}))
             self.sock.send(REPLY.pack(0))
         elif t == "result":
             if msg.get("ok"):
@@ -228,6 +232,7 @@ class GuestMachine(GuestAccess):
         self.devices = boot["devices"]
         for d in self.devices:
             d["irq_fd"] = fds[d["irq_fd"]]
+        self.extra_fds = [fds[i] for i in boot.get("extra_fds", [])]
 
     def _reply(self) -> bytes:
         """Wait for the host's answer to an exit. A vCPU in an exit is not halted, so
@@ -252,9 +257,9 @@ class GuestMachine(GuestAccess):
         self.sock.send(bytes([K_JSON]) + json.dumps(msg).encode())
         self.sock.recv(REPLY.size)
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, **data: Any) -> None:
         """Tell the host a measurement point was reached (it snapshots its counters)."""
-        self._send_json({"type": "mark", "name": name})
+        self._send_json({"type": "mark", "name": name, "data": data})
 
     def log(self, text: str) -> None:
         self.sock.send(bytes([K_JSON]) + json.dumps({"type": "log", "text": text}).encode())

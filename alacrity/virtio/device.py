@@ -49,22 +49,35 @@ Handler = Callable[[Chain], int]
 class VirtQueue:
     """A ready queue: ring + stats + interrupt + the device's handler for its chains."""
 
-    __slots__ = ("index", "ring", "stats", "interrupt", "suppress", "handler")
+    __slots__ = ("index", "ring", "stats", "interrupt", "suppress", "handler", "after", "kick",
+                 "budget", "limit")
 
     def __init__(self, index: int, ring: Ring, stats: QueueStats,
-                 interrupt: Callable[[], None], suppress: bool, handler: Handler | None):
+                 interrupt: Callable[[], None], suppress: bool, handler: Handler | None,
+                 after: Callable[[], None] | None = None, kick: Callable[[], bool] | None = None,
+                 budget: int = 8, limit: Callable[[], int] | None = None):
         self.index = index
         self.ring = ring
         self.stats = stats
         self.interrupt = interrupt
         self.suppress = suppress     # mute doorbells while we are working (not in ALWAYS)
-        self.handler = handler
+        self.handler = handler       # chain -> bytes written, for request/response queues
+        self.after = after           # run after each batch of chains (e.g. send what tx took)
+        self.kick = kick             # for queues the device drives itself (e.g. net rx)
+        self.budget = budget         # chains per pass before other work gets a turn
+        self.limit = limit           # chains the device can take now (backpressure), if any
 
     def _run(self, chains: list[Chain]) -> None:
         handle = self.handler
         self.ring.push_many(chains, [handle(c) for c in chains])
+        self.complete(len(chains))
+        if self.after is not None:
+            self.after()
+
+    def complete(self, n: int) -> None:
+        """Account for n used elements pushed, then publish them (one batch)."""
         stats = self.stats
-        stats.requests += len(chains)
+        stats.requests += n
         stats.batches += 1
         self.flush()
 
@@ -76,15 +89,18 @@ class VirtQueue:
         else:
             self.stats.interrupts_suppressed += 1
 
-    def service(self, budget: int) -> bool:
+    def service(self) -> bool:
         """One bounded pass: up to `budget` chains, one publish, at most one interrupt.
         Returns True if work remains (doorbells stay muted; the caller comes back soon).
         When it returns False, doorbells are re-enabled and the ring was re-checked."""
         if self.handler is None:
-            return False
+            return self.kick() if self.kick is not None else False
         ring = self.ring
         if self.suppress:
             ring.disable_notify()
+        budget = self.budget if self.limit is None else min(self.budget, self.limit())
+        if budget <= 0:
+            return False     # blocked: the device comes back when it can take more
         chains = ring.pop(budget)
         if chains:
             self._run(chains)
@@ -92,11 +108,12 @@ class VirtQueue:
             return True
         return self.suppress and ring.enable_notify()
 
-    def poll(self, budget: int) -> bool:
+    def poll(self) -> bool:
         """One polling pass (doorbells are already muted). True if it found work."""
         if self.handler is None:
-            return False
-        chains = self.ring.pop(budget)
+            return self.kick() if self.kick is not None else False
+        budget = self.budget if self.limit is None else min(self.budget, self.limit())
+        chains = self.ring.pop(budget) if budget > 0 else None
         if chains:
             self._run(chains)
             return True
@@ -114,6 +131,9 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.features = 0                       # negotiated, set at FEATURES_OK
         self.on_config_change: Callable[[], None] = lambda: None
+        # set by the transport: run fn() soon on the I/O thread, under the device lock, while
+        # the device is live; fn returns True to be run again (more work)
+        self.schedule: Callable[[Callable[[], bool]], None] = lambda fn: None
 
     def device_features(self) -> int:
         """Device-type feature bits offered (the transport adds the ring/version bits)."""
@@ -133,6 +153,22 @@ class VirtioDevice:
 
     def handler(self, index: int) -> Handler | None:
         """How chains on queue `index` are handled (None: the device drives that queue)."""
+        return None
+
+    def after(self, index: int) -> Callable[[], None] | None:
+        """Something to run after each batch of chains on queue `index`, if any."""
+        return None
+
+    def kick(self, index: int) -> bool:
+        """A doorbell (or a polling pass) on a queue the device drives; True: more work."""
+        return False
+
+    def budget(self, index: int) -> int | None:
+        """Chains per pass on queue `index`, if the device knows better than the transport."""
+        return None
+
+    def limit(self, index: int) -> Callable[[], int] | None:
+        """How many chains queue `index` may take right now (backpressure), if it can block."""
         return None
 
     def activate(self, queues: list[VirtQueue | None]) -> None:

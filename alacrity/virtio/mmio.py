@@ -107,6 +107,7 @@ class VirtioMmioDevice:
         self.errors = 0
         self.last_error = ""
         model.on_config_change = self._config_changed
+        model.schedule = self._schedule
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------
@@ -288,9 +289,13 @@ class VirtioMmioDevice:
                     event_idx=bool(feats & spec.bit(spec.F_EVENT_IDX)),
                     indirect=bool(feats & spec.bit(spec.F_INDIRECT_DESC)))
         q.ready = True
+        model = self.model
+        handler = model.handler(qi)
         vq = VirtQueue(qi, ring, self.stats[qi], self._interrupt,
-                       suppress=self.notify_mode is not Notify.ALWAYS,
-                       handler=self.model.handler(qi))
+                       suppress=self.notify_mode is not Notify.ALWAYS, handler=handler,
+                       after=model.after(qi),
+                       kick=None if handler is not None else (lambda qi=qi: model.kick(qi)),
+                       budget=model.budget(qi) or self.budget, limit=model.limit(qi))
         self.queues[qi] = vq
         if self.status & spec.DRIVER_OK:
             self.active = [v for v in self.queues if v is not None]
@@ -372,10 +377,10 @@ class VirtioMmioDevice:
 
     def _service(self, vq: VirtQueue) -> None:
         try:
-            more = vq.service(self.budget)
+            more = vq.service()
             if more and self.defer is None:     # no I/O loop to come back to: finish now
                 while more and not self.broken:
-                    more = vq.service(self.budget)
+                    more = vq.service()
         except GuestError as e:
             self.fail(f"queue {vq.index}: {e}")
             return
@@ -386,6 +391,27 @@ class VirtioMmioDevice:
         if more:
             self._pending.add(vq.index)
             self.defer(self, self.run_pending)
+
+    def _schedule(self, fn: Callable[[], bool]) -> None:
+        """The model asks to run fn on the I/O thread (after the current pass)."""
+        if self.defer is None:
+            while self._run_model(fn):
+                pass
+        else:
+            self.defer((self, fn), lambda: self._run_model(fn))
+
+    def _run_model(self, fn: Callable[[], bool]) -> bool:
+        with self.lock:
+            if self.broken or not self.status & spec.DRIVER_OK:
+                return False
+            try:
+                return bool(fn())
+            except GuestError as e:
+                self.fail(str(e))
+            except Exception as e:
+                log.exception("%s: device work failed", self.name)
+                self.fail(f"internal error {e!r}")
+            return False
 
     def run_pending(self) -> bool:
         """Another bounded pass over queues that stopped at their budget."""
@@ -412,7 +438,7 @@ class VirtioMmioDevice:
         with self.lock:
             for vq in active:
                 try:
-                    if vq.poll(self.budget):
+                    if vq.poll():
                         worked = True
                 except GuestError as e:
                     self.fail(f"queue {vq.index}: {e}")

@@ -108,6 +108,25 @@ class PackedQueue:
         chains: list[Chain] = []
         while limit and (r16[pos * 8 + 7] & AVAIL_USED) == want:
             limit -= 1
+            addr, length, bid, flags = unpack(ring, pos << 4)
+            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
+                off = addr - base
+                v = rmv[off:off + length] if 0 <= off and off + length <= rsize \
+                    else mem.view(addr, length)
+                if bid >= size or inflight[bid]:
+                    raise GuestError(f"buffer id {bid} at slot {pos} is out of range or in use")
+                in_desc += 1
+                if in_desc > size:
+                    raise GuestError(f"more than {size} descriptors in flight")
+                inflight[bid] = 1
+                chains.append(Chain(bid, [], [v], 0, length) if flags & DESC_F_WRITE
+                              else Chain(bid, [v], [], length, 0))
+                pos += 1
+                if pos == size:
+                    pos = 0
+                    wrap ^= 1
+                    want = _available_bits(wrap)
+                continue
             readable: list[memoryview] = []
             writable: list[memoryview] = []
             rlen = wlen = 0
@@ -301,10 +320,38 @@ class PackedDriverQueue:
         self._ind_views = [mem.view(a, 16 * indirect_max) for a in self.indirect_tables]
 
     def add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
-            indirect: bool = False) -> int:
+            indirect: bool = False, pin: bool = False) -> object:
         """Add one buffer: bufs[:n_out] device-readable, the rest device-writable. Not
-        visible to the device until kick_prepare(). Returns the buffer id."""
+        visible to the device until kick_prepare(). Returns a handle for readd(): a
+        packed ring has no descriptors to keep (the device overwrites them with used
+        entries), so offering the buffer again writes it again."""
+        self._add(bufs, n_out, token, indirect)
+        return (bufs, n_out, indirect) if pin else None
+
+    def readd(self, handle: object, token: object) -> None:
+        bufs, n_out, indirect = handle  # type: ignore[misc]
+        self._add(bufs, n_out, token, indirect)
+
+    def _add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
+             indirect: bool) -> int:
         n = len(bufs)
+        if n == 1 and self._pending is not None and self.num_free and self.free_ids:
+            # the common single-element case, not the first of a batch: flags right away
+            bid = self.free_ids.pop()
+            pos = self.next_avail
+            addr, length = bufs[0]
+            DESC_BODY.pack_into(self._ring, pos << 4, addr, length, bid)
+            self._r16[pos * 8 + 7] = ((0x0080 if self.avail_wrap else 0x8000)
+                                      | (0 if n_out else DESC_F_WRITE))
+            pos += 1
+            if pos == self.size:
+                pos = 0
+                self.avail_wrap ^= 1
+            self.next_avail = pos
+            self.num_free -= 1
+            self.tokens[bid] = token
+            self.ndesc[bid] = 1
+            return bid
         if n == 0:
             raise BufferError("a buffer needs at least one element")
         use_ind = indirect and n > 1 and bool(self.indirect_tables)

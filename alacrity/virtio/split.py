@@ -93,6 +93,14 @@ class SplitQueue:
             head = avail[2 + ((last + k) & mask)]
             if head >= size:
                 raise GuestError(f"available ring names descriptor {head} (queue size {size})")
+            addr, length, flags, nxt = unpack(desc, head << 4)
+            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
+                off = addr - base
+                v = rmv[off:off + length] if off >= 0 and off + length <= rsize \
+                    else mem.view(addr, length)
+                chains.append(Chain(head, [], [v], 0, length) if flags & DESC_F_WRITE
+                              else Chain(head, [v], [], length, 0))
+                continue
             table = desc
             limit = size          # entries in the current table
             count = 0             # NEXT links followed; a chain never exceeds the queue size
@@ -227,7 +235,8 @@ class SplitDriverQueue:
         self._avail_event = 2 + 4 * size
         self.free: list[int] = list(range(size - 1, -1, -1))
         self.tokens: list[object] = [None] * size
-        self.chain_ids: list[list[int] | None] = [None] * size
+        self.chain_ids: list[Sequence[int] | None] = [None] * size   # in flight: not None
+        self._pinned = bytearray(size)
         self.avail_idx = 0          # next avail index (shadow, not yet published)
         self.published = 0          # avail index the device can see
         self.last_used = 0
@@ -241,12 +250,43 @@ class SplitDriverQueue:
         return len(self.free)
 
     def add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
-            indirect: bool = False) -> int:
+            indirect: bool = False, pin: bool = False) -> int:
         """Add one chain: bufs[:n_out] are device-readable, the rest device-writable.
-        Written to the ring but not visible until kick_prepare(). Returns the head id."""
+        Written to the ring but not visible until kick_prepare(). Returns the head id.
+        With pin=True the descriptors stay the chain's after it is used: readd(head) offers
+        the same chain again without rewriting them (the device never writes a split
+        descriptor table), so their cache lines never move between the two sides."""
+        head = self._add(bufs, n_out, token, indirect)
+        if pin:
+            self._pinned[head] = 1
+        return head
+
+    def readd(self, head: int, token: object) -> None:
+        """Offer a pinned chain again, unchanged (see add)."""
+        if not self._pinned[head] or self.chain_ids[head] is not None:
+            raise ValueError(f"chain {head} is not pinned, or is still in flight")
+        self.tokens[head] = token
+        self.chain_ids[head] = ()
+        self._avail16[2 + (self.avail_idx & self.mask)] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+
+    def _add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
+             indirect: bool) -> int:
         n = len(bufs)
         pack = DESC.pack_into
-        if indirect and n > 1 and self.indirect_tables:
+        if n == 1:                                  # the common single-buffer case
+            free = self.free
+            if not free:
+                raise BufferError("virtqueue full")
+            head = free.pop()
+            addr, length = bufs[0]
+            pack(self._desc, head << 4, addr, length, 0 if n_out else DESC_F_WRITE, 0)
+            self.tokens[head] = token
+            self.chain_ids[head] = (head,)
+            self._avail16[2 + (self.avail_idx & self.mask)] = head
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+            return head
+        if indirect and self.indirect_tables:
             if n > self.indirect_max:
                 raise ValueError(f"{n} buffers exceed the indirect table ({self.indirect_max})")
             if not self.free:
@@ -309,6 +349,7 @@ class SplitDriverQueue:
         tokens = self.tokens
         chain_ids = self.chain_ids
         free = self.free
+        pinned = self._pinned
         out = []
         for k in range(n):
             slot = (last + k) & mask
@@ -318,7 +359,8 @@ class SplitDriverQueue:
                 raise DeviceError(f"device returned descriptor {head}, which is not in flight")
             ids = chain_ids[head]
             chain_ids[head] = None
-            free.extend(ids)
+            if not pinned[head]:
+                free.extend(ids)
             out.append((tokens[head], length))
             tokens[head] = None
         self.last_used = idx

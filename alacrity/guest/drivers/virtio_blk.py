@@ -75,8 +75,8 @@ class VirtioBlkDriver:
         self.always_kick = always_kick
         self._need_ack = False
         t.driver_ok()
-        if self.poll_ns:
-            self.q.disable_cb()
+        if not always_kick:
+            self.q.disable_cb()    # interrupts only when wait() asks for them
 
     # -- asynchronous interface -------------------------------------------------------------
     def submit(self, slot: int, rtype: int, sector: int = 0, nbytes: int = 0) -> None:

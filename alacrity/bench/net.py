@@ -1,0 +1,357 @@
+"""`alacrity bench net`: frames through a guest driver, a ring and the net device core.
+
+- stream: the guest keeps its tx ring full of `--size`-byte frames and counts what comes
+  back (loopback) or arrives on the second device (pair); pps is frames delivered per second.
+- pingpong: one frame in flight. With loopback the guest sends and waits for it to come back
+  (one guest-host round trip per op); with pair the guest sends on device A, takes the frame
+  from device B, sends it back on B and takes it from A (two round trips per op).
+
+The limit is measured in the same run: for stream, the same frames through the device core
+in one process with no ring; for pingpong, a bare round trip between the same two processes
+(eventfd, or shared-memory spinning with --notify poll), times the round trips per op.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from alacrity.bench.common import machine_info, sum_stats
+from alacrity.bench.limits import (EventfdEcho, ShmEcho, guest_eventfd_rtt, guest_shm_rtt,
+                                   net_stream_limit)
+from alacrity.bench.stats import latency_summary_us
+from alacrity.devices.net import ETH_HLEN, NetCore, open_backends
+from alacrity.errors import ConfigError
+from alacrity.guest.drivers.virtio_net import HDR_LEN, VirtioNetDriver
+from alacrity.guest.process import ProcessGuest
+from alacrity.guest.programs import find_device
+from alacrity.machine import Machine
+from alacrity.virtio import net as N
+from alacrity.virtio import spec
+from alacrity.virtio.device import Notify
+
+ABIS = ("virtio-split", "virtio-packed")
+GUESTS = ("process",)
+MODES = ("stream", "pingpong")
+BACKENDS = ("loopback", "pair")
+NOTIFY = tuple(n.value for n in Notify)
+ETHERTYPE = 0x88B5          # IEEE 802 local experimental
+
+
+@dataclass
+class NetBench:
+    abi: str = "virtio-split"
+    guest: str = "process"
+    mode: str = "stream"
+    size: int = 64
+    seconds: float = 5.0
+    warmup: float = 1.0
+    notify: str = "mitigated"
+    backend: str = "loopback"
+    queue_size: int = 256
+    poll_us: float = 200.0
+    host_spin_us: float = 50.0
+    limit_seconds: float = 1.0
+
+    def validate(self) -> None:
+        for name, value, allowed in (("abi", self.abi, ABIS), ("guest", self.guest, GUESTS),
+                                     ("mode", self.mode, MODES), ("notify", self.notify, NOTIFY),
+                                     ("backend", self.backend, BACKENDS)):
+            if value not in allowed:
+                raise ConfigError(f"--{name} {value}: expected one of {', '.join(allowed)}")
+        if not ETH_HLEN + 4 <= self.size <= ETH_HLEN + 1500:
+            raise ConfigError(f"--size {self.size}: a frame is {ETH_HLEN + 4}..{ETH_HLEN + 1500} bytes")
+        if self.seconds <= 0:
+            raise ConfigError(f"--seconds {self.seconds}: must be positive")
+        if self.queue_size < 2 or self.queue_size > 32768:
+            raise ConfigError(f"--queue-size {self.queue_size}: must be 2..32768")
+        if self.abi == "virtio-split" and self.queue_size & (self.queue_size - 1):
+            raise ConfigError(f"--queue-size {self.queue_size}: split rings need a power of two")
+        if self.host_spin_us < 0:
+            raise ConfigError(f"--host-spin-us {self.host_spin_us}: must be 0 or more")
+
+
+def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str, Any]:
+    cfg.validate()
+    notify = Notify(cfg.notify)
+    machine = Machine(32 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
+                      idle_spin_us=cfg.host_spin_us)
+    backends = open_backends(cfg.backend)
+    echo = EventfdEcho(machine.io)
+    shm: list[ShmEcho] = []
+    try:
+        cores = [NetCore(b) for b in backends]
+        devs = [machine.add_virtio_mmio(N.VirtioNet(c, queue_max=cfg.queue_size), notify=notify)
+                for c in cores]
+        guest = ProcessGuest(machine)
+        marks: dict[str, dict[str, Any]] = {}
+
+        def on_mark(name: str, data: dict[str, Any]) -> None:
+            if name in ("start", "end"):
+                marks[name] = {"stats": sum_stats(d.stats for d in devs), "exits": guest.exits}
+            elif name == "limit-eventfd":
+                echo.start()
+            elif name == "limit-shm":
+                s = ShmEcho(machine.io, machine.mem, int(data["addr"]))
+                s.start()
+                shm.append(s)
+            elif name == "limit-end":
+                echo.stop()
+                for s in shm:
+                    s.stop()
+
+        guest.on_mark = on_mark
+        t0 = time.monotonic()
+        limit_s = cfg.limit_seconds if cfg.mode == "pingpong" else 0.0
+        total = cfg.warmup + cfg.seconds + limit_s
+        args = {k: v for k, v in asdict(cfg).items()}
+        args["devices"] = len(devs)
+        guest.start("alacrity.bench.net:guest_main", args, extra_fds=[echo.ping, echo.pong])
+        try:
+            g = guest.wait(timeout=total + 60,
+                           tick=(lambda: tick(min(1.0, (time.monotonic() - t0) / total)))
+                           if tick else None)
+        finally:
+            guest.close()
+        for d in devs:
+            if d.broken:
+                raise RuntimeError(f"{d.name} reported a guest error: {d.last_error}")
+        counters = [c.counters.as_dict() for c in cores]
+    finally:
+        echo.close()
+        machine.close()
+        for b in backends:
+            b.close()
+    if cfg.mode == "stream":
+        limit = net_stream_limit(cfg.size, cfg.limit_seconds)
+    else:
+        trips = 2 if cfg.backend == "pair" else 1
+        rtt_ns = g["limit_rtt_p50_ns"] * trips
+        limit = {"ops_per_s": 1e9 / rtt_ns if rtt_ns else 0.0,
+                 "bytes_per_s": (1e9 / rtt_ns if rtt_ns else 0.0) * cfg.size,
+                 "lat_us": {"p50": round(rtt_ns / 1000, 3)},
+                 "what": (f"{trips} x {'shared-memory' if notify is Notify.POLL else 'eventfd'} "
+                          f"round trip between the guest and the host process")}
+    if tick:
+        tick(1.0)
+    return assemble(cfg, g, marks, limit, counters)
+
+
+def assemble(cfg: NetBench, g: dict[str, Any], marks: dict[str, dict[str, Any]],
+             limit: dict[str, Any], counters: list[dict[str, int]]) -> dict[str, Any]:
+    ops = g["ops"]
+    a, b = marks["start"], marks["end"]
+    dq = {k: b["stats"][k] - a["stats"][k] for k in a["stats"]}
+    per = (lambda x: round(x / ops, 4)) if ops else (lambda x: 0.0)
+    pps = ops / g["elapsed"] if g["elapsed"] else 0.0
+    return {
+        "benchmark": "net",
+        "abi": cfg.abi, "guest": cfg.guest, "notify": cfg.notify, "mode": cfg.mode,
+        "backend": cfg.backend, "size": cfg.size,
+        "seconds": round(g["elapsed"], 3),
+        "ops": ops,
+        "pps": round(pps, 1),
+        "ops_per_s": round(pps, 1),
+        "bytes_per_s": round(pps * cfg.size, 1),
+        "lat_us": g["lat_us"],
+        "doorbells_per_op": per(dq["doorbells"]),
+        "interrupts_per_op": per(dq["interrupts"]),
+        "exits_per_op": per(b["exits"] - a["exits"]),
+        "errors": g["errors"],
+        "counters": {"device": dq, "guest": g["counters"], "cores": counters,
+                     "exits": b["exits"] - a["exits"]},
+        "limit": {"ops_per_s": round(limit["ops_per_s"], 1),
+                  "bytes_per_s": round(limit["bytes_per_s"], 1), "what": limit["what"],
+                  **({"lat_us": limit["lat_us"]} if "lat_us" in limit else {})},
+        "ratio_to_limit": round(pps / limit["ops_per_s"], 4) if limit["ops_per_s"] else 0.0,
+        "machine": machine_info(),
+        "config": asdict(cfg),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# guest side
+# ---------------------------------------------------------------------------------------
+def _frame(mac: bytes, size: int) -> bytes:
+    head = mac + mac + struct.pack(">H", ETHERTYPE)
+    return head + bytes((i * 7) & 0xFF for i in range(size - ETH_HLEN))
+
+
+def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
+    notify = Notify(a["notify"])
+    drivers = []
+    for i in range(a["devices"]):
+        t = find_device(machine, spec.ID_NET, i)
+        drivers.append(VirtioNetDriver(
+            t, queue_size=a["queue_size"], event_idx=notify is Notify.MITIGATED,
+            packed=a["abi"] == "virtio-packed",
+            poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
+            always_kick=notify is Notify.ALWAYS))
+    if a["mode"] == "stream":
+        result = _stream(machine, drivers, a)
+    else:
+        result = _pingpong(machine, drivers, a)
+        result.update(_limit_rtt(machine, a, notify))
+    return result
+
+
+class _Window:
+    """Warm-up, then the measured window between the host's two marks."""
+
+    def __init__(self, machine: Any, warmup: float, seconds: float, stats: list[Any]):
+        self.machine = machine
+        self.stats = stats
+        self.clock = time.perf_counter_ns
+        self.t_start = self.clock() + int(warmup * 1e9)
+        self.seconds = seconds
+        self.t_end = 0
+        self.measuring = False
+        self.done = False
+        self.t0 = self.t1 = 0.0
+        self.exits0 = 0
+        self.g0: dict[str, int] = {}
+        self.counters: dict[str, int] = {}
+
+    def check(self, now: int) -> None:
+        if not self.measuring and not self.done and now >= self.t_start:
+            self.machine.mark("start")
+            self.measuring = True
+            self.t0 = time.perf_counter()
+            self.exits0 = self.machine.exits
+            self.g0 = sum_stats(self.stats)
+            self.t_end = self.clock() + int(self.seconds * 1e9)
+        elif self.measuring and now >= self.t_end:
+            self.t1 = time.perf_counter()
+            self.machine.mark("end")
+            g1 = sum_stats(self.stats)
+            self.counters = {k: g1[k] - self.g0[k] for k in g1}
+            self.counters["exits"] = self.machine.exits - self.exits0
+            self.measuring = False
+            self.done = True
+
+
+def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> dict[str, Any]:
+    tx_drv = drivers[0]
+    rx_drv = drivers[-1]
+    size = a["size"]
+    frame = _frame(tx_drv.mac, size)
+    txq, rxq = tx_drv.txq, rx_drv.rxq
+    for v in tx_drv.tx_view:                     # every tx slot holds the same frame
+        v[HDR_LEN:HDR_LEN + size] = frame
+    tx_bufs = [[(addr, HDR_LEN + size)] for addr in tx_drv.tx_addr]
+    rx_handles = rx_drv.rx_handles
+    rx_view = rx_drv.rx_view
+    # every tx slot holds the same frame: pinned chains, offered again unchanged
+    tx_handles = [txq.add(tx_bufs[i], 1, i, pin=True) for i in range(len(tx_bufs))]
+    free: list[int] = []
+    sent = len(tx_bufs)
+    tx_readd, rx_readd = txq.readd, rxq.readd
+    tx_get, rx_get = txq.get_used, rxq.get_used
+    kick_tx, kick_rx = tx_drv.kick_tx, rx_drv.kick_rx
+    want_len = HDR_LEN + size
+    stats = [s for d in drivers for s in (d.rx_stats, d.tx_stats)]
+    win = _Window(machine, a["warmup"], a["seconds"], stats)
+    clock = time.perf_counter_ns
+    received = errors = ops = 0
+    sample = 16                                  # latency of every 16th frame
+    t_sent: dict[int, int] = {i: clock() for i in range(0, sent, sample)}
+    lat: list[int] = []
+    kick_tx()
+    while True:
+        for slot, _ in tx_get():
+            free.append(slot)
+        if free and not win.done:
+            now = clock()
+            for slot in free:
+                tx_readd(tx_handles[slot], slot)
+                if not sent % sample:
+                    t_sent[sent] = now
+                sent += 1
+            free.clear()
+            kick_tx()
+        got = rx_get()
+        if got:
+            now = clock()
+            for i, n in got:
+                if n != want_len:
+                    errors += 1
+                elif not received & 1023 and rx_view[i][HDR_LEN:want_len] != frame:
+                    errors += 1
+                if not received % sample:
+                    t = t_sent.pop(received, None)
+                    if t is not None and win.measuring:
+                        lat.append(now - t)
+                rx_readd(rx_handles[i], i)
+                received += 1
+            if win.measuring:
+                ops += len(got)
+            kick_rx()
+            win.check(now)
+        elif win.done and received >= sent:
+            break
+        else:
+            # coalesce: wake when half of what is in flight has come back (or, with a full
+            # tx ring, three quarters of it has been sent)
+            inflight = sent - received
+            rx_drv.wait(tx=not free, rx_delay=max(0, min(64, inflight // 2) - 1),
+                        tx_delay=max(0, len(tx_bufs) * 3 // 4 - 1))
+            if win.done:
+                win.check(clock())
+    return {"ops": ops, "elapsed": win.t1 - win.t0, "errors": errors,
+            "lat_us": latency_summary_us(lat), "counters": win.counters}
+
+
+def _pingpong(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> dict[str, Any]:
+    a_drv = drivers[0]
+    b_drv = drivers[-1]
+    frame = _frame(a_drv.mac, a["size"])
+    stats = [s for d in drivers for s in (d.rx_stats, d.tx_stats)]
+    win = _Window(machine, a["warmup"], a["seconds"], stats)
+    clock = time.perf_counter_ns
+    lat: list[int] = []
+    errors = ops = 0
+
+    def exchange(src: VirtioNetDriver, dst: VirtioNetDriver, data: bytes) -> bytes:
+        src.send(data)
+        src.kick_tx()
+        while True:
+            got = dst.recv()
+            if got:
+                dst.kick_rx()
+                return got[0]
+            dst.wait()
+
+    while not win.done:
+        t = clock()
+        back = exchange(a_drv, b_drv, frame)
+        if b_drv is not a_drv:
+            back = exchange(b_drv, a_drv, back)
+        now = clock()
+        if back != frame:
+            errors += 1
+        if win.measuring:
+            lat.append(now - t)
+            ops += 1
+        win.check(now)
+    return {"ops": ops, "elapsed": win.t1 - win.t0, "errors": errors,
+            "lat_us": latency_summary_us(lat), "counters": win.counters}
+
+
+def _limit_rtt(machine: Any, a: dict[str, Any], notify: Notify) -> dict[str, Any]:
+    """The bare round trip between this process and the host, measured now."""
+    seconds = a["limit_seconds"]
+    if notify is Notify.POLL:
+        addr = machine.alloc.alloc(64, 64)
+        machine.mem.view(addr, 8)[:] = bytes(8)
+        machine.mark("limit-shm", addr=addr)
+        rtts = guest_shm_rtt(machine.mem, addr, seconds)
+    else:
+        ping, pong = machine.extra_fds[:2]
+        machine.mark("limit-eventfd")
+        rtts = guest_eventfd_rtt(ping, pong, seconds)
+    machine.mark("limit-end")
+    rtts.sort()
+    return {"limit_rtt_p50_ns": rtts[len(rtts) // 2] if rtts else 0}
+
