@@ -93,6 +93,22 @@ def build_parser() -> Parser:
     n.add_argument("--poll-us", type=positive_float, default=200.0)
     n.add_argument("--host-spin-us", type=float, default=50.0)
     n.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    r = sub.add_parser("run", help="boot a guest with devices and run its self-test",
+                       description="Boot a guest with the given devices. Each driver "
+                                   "initialises its device and moves data (block data is read "
+                                   "and written back unchanged). With --ip and a net device the "
+                                   "guest is an IPv4 host answering ARP and ping for --seconds.")
+    r.add_argument("--guest", default="process", choices=("process",))
+    r.add_argument("--abi", default="virtio-split", choices=("virtio-split", "virtio-packed"))
+    r.add_argument("--device", action="append", required=True, metavar="SPEC",
+                   help="blk:PATH|blk:null, net:loopback|net:pair|net:tap:NAME, "
+                        "console:pty|console:file:PATH|console:socket:PATH, rng (repeatable)")
+    r.add_argument("--ip", help="IPv4 address for the guest on its first net device")
+    r.add_argument("--seconds", type=positive_float, default=10.0,
+                   help="how long the guest answers on the network, with --ip (default 10)")
+    r.add_argument("--read-only", action="store_true", help="open block images read-only")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
@@ -106,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_blk(args)
         if args.command == "bench" and args.what == "net":
             return bench_net(args)
+        if args.command == "run":
+            return run_guest(args)
     except ConfigError as e:
         sys.stderr.write(f"alacrity: error: {e}\n")
         return EXIT_USAGE
@@ -130,6 +148,52 @@ def _run_bench(module: Any, cfg: Any, desc: str, as_json: bool) -> int:
         from rich.console import Console
         Console().print(bench_table(result))
     return 0
+
+
+def run_guest(args: Any) -> int:
+    import ipaddress
+
+    from alacrity.guest.process import GuestDied, ProcessGuest
+    from alacrity.launch import build
+    from alacrity.machine import Machine
+
+    if args.ip:
+        try:
+            ipaddress.IPv4Address(args.ip)
+        except ValueError:
+            raise ConfigError(f"--ip {args.ip}: not an IPv4 address") from None
+    machine = Machine(64 << 20)
+    try:
+        info = build(machine, args.device, read_only=args.read_only)
+        for c in info["consoles"]:
+            if c["path"]:
+                sys.stderr.write(f"alacrity: console ({c['kind']}) at {c['path']}\n")
+        guest = ProcessGuest(machine).start("alacrity.guest.programs:selftest", {
+            "abi": args.abi, "net": info["net"], "ip": args.ip, "seconds": args.seconds})
+        try:
+            result = guest.wait(timeout=args.seconds + 60)
+        except GuestDied as e:
+            sys.stderr.write(f"alacrity: guest failed: {e}\n")
+            return 1
+        finally:
+            guest.close()
+    finally:
+        machine.close()
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=f"alacrity run: {args.guest} guest, {args.abi}")
+        for col in ("device", "kind", "ok", "details"):
+            t.add_column(col)
+        for d in result["devices"]:
+            details = ", ".join(f"{k}={v}" for k, v in d.items()
+                                if k not in ("device", "kind", "ok", "id"))
+            t.add_row(d["device"], d.get("kind", "?"), str(d.get("ok", "")), details)
+        Console().print(t)
+    return 0 if all(d.get("ok") for d in result["devices"]) else 1
 
 
 def bench_net(args: Any) -> int:

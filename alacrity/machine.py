@@ -43,6 +43,7 @@ class Machine:
         self.bus = Bus()
         self.io = IoThread(poll_us, idle_spin_us=idle_spin_us).start()
         self.slots: list[DeviceSlot] = []
+        self._owned: list[Any] = []
 
     def add_virtio_mmio(self, model: VirtioDevice, *, notify: Notify = Notify.MITIGATED,
                         name: str | None = None, **options: Any) -> VirtioMmioDevice:
@@ -66,6 +67,18 @@ class Machine:
             self.io.add_poller(dev)
         self.slots.append(DeviceSlot("virtio-mmio", name, base, WINDOW, irq, dev, doorbells))
         return dev
+
+    def own(self, resource: Any) -> Any:
+        """Close `resource` with the machine."""
+        self._owned.append(resource)
+        return resource
+
+    def attach(self, backend: Any) -> Any:
+        """Start a backend on this machine's I/O thread (its fds are watched there) and close
+        it with the machine."""
+        backend.start(self.io)
+        self._owned.append(backend)
+        return backend
 
     @staticmethod
     def _reader(ev: IoEventFd):
@@ -101,6 +114,9 @@ class Machine:
 
     def close(self) -> None:
         self.io.close()
+        for b in self._owned:
+            b.close()
+        self._owned.clear()
         for s in self.slots:
             for ev in s.doorbells:
                 os.close(ev.fd)

@@ -1,6 +1,7 @@
 """The `alacrity` command: bench blk end to end, and one clear line + exit 2 on bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,74 @@ def test_missing_subcommand_and_help():
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     h = alacrity("bench", "blk", "--help")
     assert h.returncode == 0 and "--notify" in h.stdout
+
+
+NET_REQUIRED = {"pps", "bytes_per_s", "lat_us", "doorbells_per_op", "interrupts_per_op",
+                "limit", "ratio_to_limit", "abi", "guest", "notify", "mode", "backend"}
+
+
+@pytest.mark.parametrize("abi,mode,backend,notify", [
+    ("virtio-split", "stream", "loopback", "mitigated"),
+    ("virtio-packed", "stream", "pair", "always"),
+    ("virtio-split", "pingpong", "pair", "poll"),
+    ("virtio-packed", "pingpong", "loopback", "mitigated"),
+])
+def test_bench_net_json(abi, mode, backend, notify):
+    p = alacrity("bench", "net", "--abi", abi, "--mode", mode, "--backend", backend,
+                 "--notify", notify, "--seconds", "0.5", "--warmup", "0.2", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert NET_REQUIRED <= r.keys()
+    assert (r["abi"], r["mode"], r["backend"], r["notify"]) == (abi, mode, backend, notify)
+    assert r["pps"] > 100 and r["errors"] == 0
+    assert r["bytes_per_s"] == pytest.approx(r["pps"] * 64, rel=1e-3)
+    assert 0 < r["lat_us"]["p50"] <= r["lat_us"]["p99"]
+    assert r["limit"]["ops_per_s"] > 0
+    assert r["ratio_to_limit"] == pytest.approx(r["pps"] / r["limit"]["ops_per_s"], rel=1e-2)
+    if mode == "pingpong":
+        trips = 2 if backend == "pair" else 1
+        assert f"{trips} x" in r["limit"]["what"]
+        kind = "shared-memory" if notify == "poll" else "eventfd"
+        assert kind in r["limit"]["what"]
+    for core in r["counters"]["cores"]:
+        assert core["rx_dropped"] == 0
+
+
+def test_bench_blk_packed():
+    p = alacrity("bench", "blk", "--abi", "virtio-packed", "--depth", "4", "--seconds", "0.5",
+                 "--warmup", "0.1", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["abi"] == "virtio-packed" and r["ops"] > 100 and r["errors"] == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "net", "--size", "5"], "--size"),
+    (["bench", "net", "--mode", "flood"], "--mode"),
+    (["bench", "net", "--backend", "tap:x"], "--backend"),
+    (["bench", "net", "--abi", "virtio-split", "--queue-size", "100"], "--queue-size"),
+    (["run", "--device", "floppy:a"], "--device"),
+    (["run", "--device", "blk:/nonexistent/img"], "no such file"),
+    (["run", "--device", "net:tap:alacrity-none"], "no such network device"),
+    (["run", "--device", "net:loopback", "--ip", "300.1.1.1"], "--ip"),
+    (["run"], "--device"),
+])
+def test_bad_options_everywhere_one_line_exit_2(args, needle):
+    p = alacrity(*args)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_run_selftest_all_devices(tmp_path):
+    img = tmp_path / "img"
+    data = os.urandom(1 << 20)
+    img.write_bytes(data)
+    log = tmp_path / "console.log"
+    p = alacrity("run", "--device", f"blk:{img}", "--device", "net:pair", "--device",
+                 f"console:file:{log}", "--device", "rng", "--json")
+    assert p.returncode == 0, p.stderr
+    kinds = [d["kind"] for d in json.loads(p.stdout)["devices"]]
+    assert kinds == ["blk", "net", "net", "console", "rng"]
+    assert img.read_bytes() == data                      # the self-test harms nothing
+    assert b"self-test" in log.read_bytes()

@@ -203,7 +203,12 @@ class VirtioNet(VirtioDevice):
                 done.append(b)
                 lens.append(need)
             elif not mergeable:
-                counters.rx_too_big += 1               # the frame is larger than the buffer
+                # the frame is larger than the buffer: drop it, and give the buffer back
+                # empty so that one odd buffer cannot hold up every frame after it
+                bufs.popleft()
+                done.append(b)
+                lens.append(0)
+                counters.rx_too_big += 1
                 backlog.popleft()
                 budget -= 1
                 continue

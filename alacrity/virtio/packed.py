@@ -434,18 +434,20 @@ class PackedDriverQueue:
         r16 = self._r16
         r32 = self._r32
         tokens = self.tokens
+        ndesc = self.ndesc            # slots of each buffer id in flight; 0: not in flight
         pos = self.next_used
         wrap = self.used_wrap
         want = AVAIL_USED if wrap else 0
         while (r16[pos * 8 + 7] & AVAIL_USED) == want:
             bid = r16[pos * 8 + 6]
-            if bid >= size or tokens[bid] is None:
+            if bid >= size or not ndesc[bid]:
                 raise DeviceError(f"device used buffer id {bid}, which is not in flight")
             length = r32[pos * 4 + 2]
             out.append((tokens[bid], length))
             tokens[bid] = None
             self.free_ids.append(bid)
-            n = self.ndesc[bid]
+            n = ndesc[bid]
+            ndesc[bid] = 0
             self.num_free += n
             pos += n
             if pos >= size:
