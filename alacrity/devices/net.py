@@ -59,6 +59,7 @@ class NetCore:
         self.backend = backend
         self.mac = mac or bytes([0x52, 0x54, 0x00, 0xA1, 0xAC, 0x01 + backend.index])
         self.mtu = mtu
+        self.max_frame = ETH_HLEN + mtu
         self.link_up = True
         self.counters = NetCounters()
         self.backlog: collections.deque[bytes] = collections.deque()
@@ -67,9 +68,6 @@ class NetCore:
         self._room_waiters: list[Callable[[], None]] = []
         backend.attach(self)
 
-    @property
-    def max_frame(self) -> int:
-        return ETH_HLEN + self.mtu
 
     def transmit(self, frames: list[bytes]) -> None:
         """Frames from the guest, already stripped of any transport header."""
@@ -89,6 +87,9 @@ class NetCore:
 
     def room(self) -> int:
         """How many frames the other end can take now (backpressure for virtual wires)."""
+        peer = self.backend.receiver
+        if peer is not None:
+            return peer.backlog_max - len(peer.backlog)
         return self.backend.room()
 
     def backlog_room(self) -> int:
@@ -124,6 +125,7 @@ class NetCore:
 class NetBackend:
     kind = "backend"
     index = 0
+    receiver: "NetCore | None" = None   # a virtual wire: the core our frames land in
 
     def attach(self, core: NetCore) -> None:
         self.core = core
@@ -150,6 +152,9 @@ class LoopbackBackend(NetBackend):
     """Every transmitted frame comes back on receive."""
 
     kind = "loopback"
+
+    def attach(self, core: NetCore) -> None:
+        self.core = self.receiver = core
 
     def send(self, frames: list[bytes]) -> None:
         self.core.receive(frames)
@@ -185,6 +190,12 @@ class PairEnd(NetBackend):
             peer.wait_room(callback)
         else:
             callback()
+
+
+    def attach(self, core: NetCore) -> None:
+        self.core = core
+        if self.peer is not None:
+            self.peer.receiver = core
 
 
 def pair() -> tuple[PairEnd, PairEnd]:

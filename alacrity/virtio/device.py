@@ -50,12 +50,13 @@ class VirtQueue:
     """A ready queue: ring + stats + interrupt + the device's handler for its chains."""
 
     __slots__ = ("index", "ring", "stats", "interrupt", "suppress", "handler", "after", "kick",
-                 "budget", "limit")
+                 "budget", "limit", "poll_hook")
 
     def __init__(self, index: int, ring: Ring, stats: QueueStats,
                  interrupt: Callable[[], None], suppress: bool, handler: Handler | None,
                  after: Callable[[], None] | None = None, kick: Callable[[], bool] | None = None,
-                 budget: int = 8, limit: Callable[[], int] | None = None):
+                 budget: int = 8, limit: Callable[[], int] | None = None,
+                 poll_hook: Callable[[], bool] | None = None):
         self.index = index
         self.ring = ring
         self.stats = stats
@@ -66,6 +67,7 @@ class VirtQueue:
         self.kick = kick             # for queues the device drives itself (e.g. net rx)
         self.budget = budget         # chains per pass before other work gets a turn
         self.limit = limit           # chains the device can take now (backpressure), if any
+        self.poll_hook = poll_hook or kick   # a device-driven queue's busy-poll pass
 
     def _run(self, chains: list[Chain]) -> None:
         handle = self.handler
@@ -75,19 +77,16 @@ class VirtQueue:
             self.after()
 
     def complete(self, n: int) -> None:
-        """Account for n used elements pushed, then publish them (one batch)."""
+        """Account for n used elements pushed, publish them (one batch) and interrupt if the
+        driver asked for it."""
         stats = self.stats
         stats.requests += n
         stats.batches += 1
-        self.flush()
-
-    def flush(self) -> None:
-        """Publish staged used elements and interrupt if the driver asked for it."""
         if self.ring.publish():
-            self.stats.interrupts += 1
+            stats.interrupts += 1
             self.interrupt()
         else:
-            self.stats.interrupts_suppressed += 1
+            stats.interrupts_suppressed += 1
 
     def service(self) -> bool:
         """One bounded pass: up to `budget` chains, one publish, at most one interrupt.
@@ -109,11 +108,15 @@ class VirtQueue:
         return self.suppress and ring.enable_notify()
 
     def poll(self) -> bool:
-        """One polling pass (doorbells are already muted). True if it found work."""
+        """One polling pass (doorbells are already muted). True if it found work. This runs
+        on every turn of a busy-poll loop, so the nothing-to-do case is kept short."""
         if self.handler is None:
-            return self.kick() if self.kick is not None else False
+            return self.poll_hook() if self.poll_hook is not None else False
+        ring = self.ring
+        if not ring.has_work():
+            return False
         budget = self.budget if self.limit is None else min(self.budget, self.limit())
-        chains = self.ring.pop(budget) if budget > 0 else None
+        chains = ring.pop(budget) if budget > 0 else None
         if chains:
             self._run(chains)
             return True
@@ -169,6 +172,10 @@ class VirtioDevice:
 
     def limit(self, index: int) -> Callable[[], int] | None:
         """How many chains queue `index` may take right now (backpressure), if it can block."""
+        return None
+
+    def poller(self, index: int) -> Callable[[], bool] | None:
+        """A cheap busy-poll pass for a queue the device drives (default: its kick)."""
         return None
 
     def activate(self, queues: list[VirtQueue | None]) -> None:

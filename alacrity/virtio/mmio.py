@@ -295,7 +295,8 @@ class VirtioMmioDevice:
                        suppress=self.notify_mode is not Notify.ALWAYS, handler=handler,
                        after=model.after(qi),
                        kick=None if handler is not None else (lambda qi=qi: model.kick(qi)),
-                       budget=model.budget(qi) or self.budget, limit=model.limit(qi))
+                       budget=model.budget(qi) or self.budget, limit=model.limit(qi),
+                       poll_hook=model.poller(qi))
         self.queues[qi] = vq
         if self.status & spec.DRIVER_OK:
             self.active = [v for v in self.queues if v is not None]

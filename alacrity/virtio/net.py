@@ -77,6 +77,9 @@ class VirtioNet(VirtioDevice):
         self.rxq: VirtQueue | None = None
         self.txq: VirtQueue | None = None
         self._tx_blocked = False
+        self._sending = False
+        self._looped = False
+        self.mergeable = False
         core.on_rx = self._frames_waiting
 
     # -- virtio device model ------------------------------------------------------------------
@@ -99,6 +102,12 @@ class VirtioNet(VirtioDevice):
     def limit(self, index: int) -> Callable[[], int] | None:
         return self._tx_room if index == TX else None
 
+    def poller(self, index: int) -> Callable[[], bool] | None:
+        return self._poll_rx if index == RX else None
+
+    def _poll_rx(self) -> bool:
+        return self.pump() if self.core.backlog else False
+
     def _tx_room(self) -> int:
         room = self.core.room()
         if room <= 0 and not self._tx_blocked:
@@ -120,6 +129,7 @@ class VirtioNet(VirtioDevice):
     def activate(self, queues: list[VirtQueue | None]) -> None:
         self.rxq = queues[RX]
         self.txq = queues[TX]
+        self.mergeable = bool(self.features & spec.bit(F_MRG_RXBUF))
         self._rxbufs.clear()
         if self.core.backlog:
             self.schedule(self.pump)
@@ -132,9 +142,6 @@ class VirtioNet(VirtioDevice):
         self._rxbufs.clear()
         self._tx.clear()
 
-    @property
-    def mergeable(self) -> bool:
-        return bool(self.features & spec.bit(F_MRG_RXBUF))
 
     # -- transmit ----------------------------------------------------------------------------
     def handle_tx(self, c: Chain) -> int:
@@ -151,11 +158,23 @@ class VirtioNet(VirtioDevice):
     def _send_batch(self) -> None:
         if self._tx:
             frames, self._tx = self._tx, []
-            self.core.transmit(frames)
+            self._sending = True
+            try:
+                self.core.transmit(frames)
+            finally:
+                self._sending = False
+            if self._looped:
+                # frames that came straight back to us (loopback): place them in this pass
+                self._looped = False
+                if self.pump():
+                    self.schedule(self.pump)
 
     # -- receive -----------------------------------------------------------------------------
     def _frames_waiting(self) -> None:
-        self.schedule(self.pump)
+        if self._sending:
+            self._looped = True          # _send_batch pumps them right after the transmit
+        else:
+            self.schedule(self.pump)
 
     def pump(self) -> bool:
         """Move waiting frames into rx buffers; one publish for the batch. Returns True if
@@ -227,7 +246,7 @@ class VirtioNet(VirtioDevice):
         if done:
             ring.push_many(done, lens)
             vq.complete(len(done))
-        if frames:
+        if frames and self.core._room_waiters:
             self.core.drained()
         if not backlog:
             return False
