@@ -92,6 +92,9 @@ def build_parser() -> Parser:
     n.add_argument("--queue-size", type=int, default=256)
     n.add_argument("--poll-us", type=positive_float, default=200.0)
     n.add_argument("--host-spin-us", type=float, default=50.0)
+    n.add_argument("--no-reuse", action="store_true",
+                   help="drivers write every descriptor anew instead of offering unchanged "
+                        "buffers again (pinned chains)")
     n.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     r = sub.add_parser("run", help="boot a guest with devices and run its self-test",
@@ -202,7 +205,7 @@ def bench_net(args: Any) -> int:
     cfg = net.NetBench(abi=args.abi, guest=args.guest, mode=args.mode, size=args.size,
                        seconds=args.seconds, warmup=max(0.0, args.warmup), notify=args.notify,
                        backend=args.backend, queue_size=args.queue_size, poll_us=args.poll_us,
-                       host_spin_us=args.host_spin_us)
+                       host_spin_us=args.host_spin_us, reuse=not args.no_reuse)
     desc = f"net {cfg.mode} {cfg.size} B {cfg.backend} {cfg.abi} {cfg.notify}"
     return _run_bench(net, cfg, desc, args.json)
 

@@ -54,6 +54,7 @@ class NetBench:
     poll_us: float = 200.0
     host_spin_us: float = 50.0
     limit_seconds: float = 1.0
+    reuse: bool = True          # drivers offer unchanged buffers again with pinned chains
 
     def validate(self) -> None:
         for name, value, allowed in (("abi", self.abi, ABIS), ("guest", self.guest, GUESTS),
@@ -188,7 +189,7 @@ def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
             t, queue_size=a["queue_size"], event_idx=notify is Notify.MITIGATED,
             packed=a["abi"] == "virtio-packed",
             poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
-            always_kick=notify is Notify.ALWAYS))
+            always_kick=notify is Notify.ALWAYS, reuse=a["reuse"]))
     if a["mode"] == "stream":
         result = _stream(machine, drivers, a)
     else:
@@ -241,13 +242,15 @@ def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> 
     for v in tx_drv.tx_view:                     # every tx slot holds the same frame
         v[HDR_LEN:HDR_LEN + size] = frame
     tx_bufs = [[(addr, HDR_LEN + size)] for addr in tx_drv.tx_addr]
-    rx_handles = rx_drv.rx_handles
     rx_view = rx_drv.rx_view
-    # every tx slot holds the same frame: pinned chains, offered again unchanged
-    tx_handles = [txq.add(tx_bufs[i], 1, i, pin=True) for i in range(len(tx_bufs))]
+    # every tx slot holds the same frame: pinned chains, offered again unchanged (unless
+    # the run asks drivers not to reuse descriptors)
+    reuse = a["reuse"]
+    tx_handles = [txq.add(tx_bufs[i], 1, i, pin=reuse) for i in range(len(tx_bufs))]
     free: list[int] = []
     sent = len(tx_bufs)
-    tx_readd, rx_readd = txq.readd, rxq.readd
+    tx_readd = txq.readd if reuse else (lambda h, slot: txq.add(tx_bufs[slot], 1, slot))
+    rx_repost = rx_drv.repost_rx
     tx_get, rx_get = txq.get_used, rxq.get_used
     kick_tx, kick_rx = tx_drv.kick_tx, rx_drv.kick_rx
     want_len = HDR_LEN + size
@@ -283,7 +286,7 @@ def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> 
                     t = t_sent.pop(received, None)
                     if t is not None and win.measuring:
                         lat.append(now - t)
-                rx_readd(rx_handles[i], i)
+                rx_repost(i)
                 received += 1
             if win.measuring:
                 ops += len(got)

@@ -86,6 +86,10 @@ class PackedQueue:
         self._pending: tuple[int, int] | None = None    # (slot, flags) of the batch's first
         self._inflight = bytearray(size)                # buffer ids the device holds
         self._inflight_desc = 0
+        # Lone buffers seen before, by buffer id: (addr, len and id bytes, the flag bits
+        # below AVAIL, the Chain made of them). A driver that offers the same buffer under
+        # the same id again is served by comparing bytes instead of walking.
+        self._lone: list[tuple[bytes, int, Chain] | None] = [None] * size
 
     # -- taking work ----------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -102,25 +106,40 @@ class PackedQueue:
         unpack = DESC.unpack_from
         inflight = self._inflight
         in_desc = self._inflight_desc
+        cache = self._lone
         pos = self.next_avail
         wrap = self.avail_wrap
         want = _available_bits(wrap)
         chains: list[Chain] = []
-        while limit and (r16[pos * 8 + 7] & AVAIL_USED) == want:
+        while limit:
+            flags = r16[pos * 8 + 7]
+            if (flags & AVAIL_USED) != want:
+                break
             limit -= 1
-            addr, length, bid, flags = unpack(ring, pos << 4)
-            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
-                off = addr - base
-                v = rmv[off:off + length] if 0 <= off and off + length <= rsize \
-                    else mem.view(addr, length)
+            at = pos << 4
+            bid = r16[pos * 8 + 6]
+            hit = cache[bid] if bid < size else None
+            if hit is not None and hit[1] == flags & 0x7F and hit[0] == ring[at:at + 14]:
+                c = hit[2]                          # the same lone buffer as before
+            else:
+                addr, length, bid, flags = unpack(ring, at)
+                c = None
+            if c is not None or not flags & (DESC_F_NEXT | DESC_F_INDIRECT):   # a lone one
+                if c is None:
+                    off = addr - base
+                    v = rmv[off:off + length] if 0 <= off and off + length <= rsize \
+                        else mem.view(addr, length)
+                    c = (Chain(bid, [], [v], 0, length) if flags & DESC_F_WRITE
+                         else Chain(bid, [v], [], length, 0))
+                    if bid < size:
+                        cache[bid] = (bytes(ring[at:at + 14]), flags & 0x7F, c)
                 if bid >= size or inflight[bid]:
                     raise GuestError(f"buffer id {bid} at slot {pos} is out of range or in use")
                 in_desc += 1
                 if in_desc > size:
                     raise GuestError(f"more than {size} descriptors in flight")
                 inflight[bid] = 1
-                chains.append(Chain(bid, [], [v], 0, length) if flags & DESC_F_WRITE
-                              else Chain(bid, [v], [], length, 0))
+                chains.append(c)
                 pos += 1
                 if pos == size:
                     pos = 0
@@ -314,6 +333,7 @@ class PackedDriverQueue:
         self.free_ids: list[int] = list(range(size - 1, -1, -1))
         self.tokens: list[object] = [None] * size
         self.ndesc = [0] * size
+        self._pinned = bytearray(size)
         self._pending: tuple[int, int] | None = None
         self.indirect_tables = list(indirect_tables or [])
         self.indirect_max = indirect_max
@@ -324,25 +344,39 @@ class PackedDriverQueue:
         """Add one buffer: bufs[:n_out] device-readable, the rest device-writable. Not
         visible to the device until kick_prepare(). Returns a handle for readd(): a
         packed ring has no descriptors to keep (the device overwrites them with used
-        entries), so offering the buffer again writes it again."""
-        self._add(bufs, n_out, token, indirect)
-        return (bufs, n_out, indirect) if pin else None
+        entries), so offering the buffer again writes it again; but a pinned buffer keeps
+        its buffer id, so the device can recognise it."""
+        if not pin:
+            self._add(bufs, n_out, token, indirect, None)
+            return None
+        if not self.free_ids:
+            raise BufferError("virtqueue full")
+        bid = self.free_ids.pop()
+        self._pinned[bid] = 1
+        self._add(bufs, n_out, token, indirect, bid)
+        return (bufs, n_out, indirect, bid)
 
     def readd(self, handle: object, token: object) -> None:
-        bufs, n_out, indirect = handle  # type: ignore[misc]
-        self._add(bufs, n_out, token, indirect)
+        bufs, n_out, indirect, bid = handle  # type: ignore[misc]
+        if self.ndesc[bid]:
+            raise ValueError(f"buffer {bid} is still in flight")
+        self._add(bufs, n_out, token, indirect, bid)
 
     def _add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
-             indirect: bool) -> int:
+             indirect: bool, bid: int | None) -> int:
         n = len(bufs)
-        if n == 1 and self._pending is not None and self.num_free and self.free_ids:
-            # the common single-element case, not the first of a batch: flags right away
-            bid = self.free_ids.pop()
+        if n == 1 and self.num_free and (bid is not None or self.free_ids):
+            # the common single-element case
+            if bid is None:
+                bid = self.free_ids.pop()
             pos = self.next_avail
             addr, length = bufs[0]
             DESC_BODY.pack_into(self._ring, pos << 4, addr, length, bid)
-            self._r16[pos * 8 + 7] = ((0x0080 if self.avail_wrap else 0x8000)
-                                      | (0 if n_out else DESC_F_WRITE))
+            flags = (0x0080 if self.avail_wrap else 0x8000) | (0 if n_out else DESC_F_WRITE)
+            if self._pending is None:
+                self._pending = (pos, flags)       # the batch's first: kick_prepare exposes it
+            else:
+                self._r16[pos * 8 + 7] = flags
             pos += 1
             if pos == self.size:
                 pos = 0
@@ -356,11 +390,12 @@ class PackedDriverQueue:
             raise BufferError("a buffer needs at least one element")
         use_ind = indirect and n > 1 and bool(self.indirect_tables)
         slots = 1 if use_ind else n
-        if slots > self.num_free or not self.free_ids:
+        if slots > self.num_free or (bid is None and not self.free_ids):
             raise BufferError("virtqueue full")
         if use_ind and n > self.indirect_max:
             raise ValueError(f"{n} elements exceed the indirect table ({self.indirect_max})")
-        bid = self.free_ids.pop()
+        if bid is None:
+            bid = self.free_ids.pop()
         size = self.size
         ring = self._ring
         r16 = self._r16
@@ -435,6 +470,7 @@ class PackedDriverQueue:
         r32 = self._r32
         tokens = self.tokens
         ndesc = self.ndesc            # slots of each buffer id in flight; 0: not in flight
+        pinned = self._pinned
         pos = self.next_used
         wrap = self.used_wrap
         want = AVAIL_USED if wrap else 0
@@ -445,7 +481,8 @@ class PackedDriverQueue:
             length = r32[pos * 4 + 2]
             out.append((tokens[bid], length))
             tokens[bid] = None
-            self.free_ids.append(bid)
+            if not pinned[bid]:
+                self.free_ids.append(bid)
             n = ndesc[bid]
             ndesc[bid] = 0
             self.num_free += n

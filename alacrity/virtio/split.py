@@ -58,6 +58,10 @@ class SplitQueue:
         self._used32 = used_mv[:4 + 8 * size].cast("I")
         self._used_event = 2 + size          # index of used_event in _avail16
         self._avail_event = 2 + 4 * size     # index of avail_event in _used16
+        # Lone descriptors walked before, by head: (their 16 raw bytes, the Chain made of
+        # them). A driver that offers the same buffer again (rx buffers, a fixed frame) is
+        # served by comparing 16 bytes instead of walking; any change walks and checks anew.
+        self._lone: list[tuple[bytes, Chain] | None] = [None] * size
         self.last_avail = last_avail & 0xFFFF  # next available entry to take
         self.used_idx = used_idx & 0xFFFF      # last published used index
         self.next_used = self.used_idx         # where the next used element goes
@@ -88,18 +92,27 @@ class SplitQueue:
         r0 = mem.regions[0]        # fast path: the first region, checked inline
         base, rsize, rmv = r0.gpa, r0.size, r0.mv
         unpack = DESC.unpack_from
+        cache = self._lone
         chains = []
         for k in range(n):
             head = avail[2 + ((last + k) & mask)]
             if head >= size:
                 raise GuestError(f"available ring names descriptor {head} (queue size {size})")
-            addr, length, flags, nxt = unpack(desc, head << 4)
+            at = head << 4
+            raw = desc[at:at + 16]
+            hit = cache[head]
+            if hit is not None and hit[0] == raw:      # the same lone descriptor as before
+                chains.append(hit[1])
+                continue
+            addr, length, flags, nxt = unpack(desc, at)
             if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
                 off = addr - base
                 v = rmv[off:off + length] if off >= 0 and off + length <= rsize \
                     else mem.view(addr, length)
-                chains.append(Chain(head, [], [v], 0, length) if flags & DESC_F_WRITE
-                              else Chain(head, [v], [], length, 0))
+                c = (Chain(head, [], [v], 0, length) if flags & DESC_F_WRITE
+                     else Chain(head, [v], [], length, 0))
+                cache[head] = (bytes(raw), c)
+                chains.append(c)
                 continue
             table = desc
             limit = size          # entries in the current table

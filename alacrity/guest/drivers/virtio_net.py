@@ -18,7 +18,7 @@ class VirtioNetDriver:
     def __init__(self, transport: Any, *, rx_buffers: int = 128, buf_size: int = 2048,
                  tx_slots: int = 128, queue_size: int = 256, mrg_rxbuf: bool = True,
                  event_idx: bool = True, packed: bool = False, poll_us: float = 0.0,
-                 always_kick: bool = False):
+                 always_kick: bool = False, reuse: bool = True):
         t = self.t = transport
         if t.device_id != spec.ID_NET:
             raise DeviceError(f"device id {t.device_id} is not a network device")
@@ -61,8 +61,10 @@ class VirtioNetDriver:
         self._partial: list[bytes] = []      # a merged frame still being collected
         self._partial_left = 0
         self.rx_errors = 0
-        # rx buffers never change: pinned, so a split ring reuses their descriptors as is
-        self.rx_handles = [self.rxq.add(self.rx_bufs[i], 0, i, pin=True)
+        # rx buffers never change: pinned (unless reuse=False), so a split ring reuses their
+        # descriptors as they are
+        self.reuse = reuse
+        self.rx_handles = [self.rxq.add(self.rx_bufs[i], 0, i, pin=reuse)
                            for i in range(len(self.rx_addr))]
         t.driver_ok()
         if not always_kick:
@@ -100,8 +102,7 @@ class VirtioNetDriver:
         """Every frame received since the last call; their buffers go back to the device
         (call kick_rx afterwards)."""
         out = []
-        readd = self.rxq.readd
-        handles = self.rx_handles
+        repost = self.repost_rx
         for i, n in self.rxq.get_used():
             v = self.rx_view[i]
             if self._partial_left:
@@ -119,8 +120,15 @@ class VirtioNetDriver:
                 else:
                     self._partial = [bytes(v[HDR_LEN:n])]
                     self._partial_left = nbuf - 1
-            readd(handles[i], i)
+            repost(i)
         return out
+
+    def repost_rx(self, i: int) -> None:
+        """Offer rx buffer i to the device again."""
+        if self.reuse:
+            self.rxq.readd(self.rx_handles[i], i)
+        else:
+            self.rxq.add(self.rx_bufs[i], 0, i)
 
     # -- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: float | None = 10.0, tx: bool = False, rx_delay: int = 0,
