@@ -293,3 +293,38 @@ def test_disable_flags_values(mem):
     assert q._device[0] >> 16 == RING_EVENT_FLAGS_DISABLE
     d.disable_cb()
     assert d._driver[0] >> 16 == RING_EVENT_FLAGS_DISABLE
+
+
+def test_lone_buffer_cache_by_id_sees_every_change(mem):
+    r = RawPackedRing(mem, 4)
+    q = device(mem, r)
+    for lap in range(3):                              # same id and buffer, new slots
+        r.offer([(DATA, 64, True)], bid=1)
+        (c,) = q.pop()
+        if lap == 0:
+            first = c
+        assert c is first
+        q.push_many([c], [0])
+        q.publish()
+    r.offer([(DATA + 4096, 64, True)], bid=1)         # same id, another buffer
+    (c,) = q.pop()
+    assert c is not first and bytes(c.writable[0]) == mem.read(DATA + 4096, 64)
+    q.push_many([c], [0])
+    q.publish()
+    r.offer([(4 << 20, 64, True)], bid=1)             # same id, outside RAM
+    with pytest.raises(GuestError):
+        q.pop()
+
+
+def test_pinned_packed_buffers_keep_their_id(mem):
+    d, q = driver_and_device(mem, 4)
+    h = d.add([(DATA, 64)], 0, "a", pin=True)
+    for i in range(10):                               # many laps of a 4-slot ring
+        d.kick_prepare()
+        (c,) = q.pop()
+        assert c.head == h[3]
+        q.push_many([c], [8])
+        q.publish()
+        assert d.get_used() == [("a" if i == 0 else i - 1, 8)]
+        d.readd(h, i)
+    assert d.num_free == 3 and h[3] not in d.free_ids

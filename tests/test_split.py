@@ -309,3 +309,54 @@ def test_split_queue_checks_layout(mem):
         SplitQueue(mem, 8, 0x10000, 0x11000, 0x12002)     # used misaligned
     with pytest.raises(GuestError):
         SplitQueue(mem, 256, (4 << 20) - 16, 0x11000, 0x12000)  # table beyond RAM
+
+
+def test_lone_descriptor_cache_sees_every_change(mem):
+    """The device remembers lone descriptors it has walked; a changed descriptor (even one
+    byte) is walked and checked again, so a guest cannot smuggle a bad address past it."""
+    r = RawRing(mem, 8)
+    q = device(mem, r)
+    r.set_desc(2, DATA, 64, WRITE)
+    r.make_available(2)
+    (c1,) = q.pop()
+    q.push(2, 0)
+    q.publish()
+    r.make_available(2)
+    (c2,) = q.pop()
+    assert c2 is c1                                   # unchanged: served from the cache
+    q.push(2, 0)
+    q.publish()
+    r.set_desc(2, DATA + 4096, 64, WRITE)             # moved
+    r.make_available(2)
+    (c3,) = q.pop()
+    assert c3 is not c1 and bytes(c3.writable[0]) == mem.read(DATA + 4096, 64)
+    q.push(2, 0)
+    q.publish()
+    r.set_desc(2, DATA + 4096, 64, 0)                 # same place, now device-readable
+    r.make_available(2)
+    (c4,) = q.pop()
+    assert c4.readable and not c4.writable
+    q.push(2, 0)
+    q.publish()
+    r.set_desc(2, 4 << 20, 64, 0)                     # now outside RAM
+    r.make_available(2)
+    with pytest.raises(GuestError):
+        q.pop()
+
+
+def test_pinned_chains_are_offered_again_unchanged(mem):
+    d, q = driver_and_device(mem)
+    h = d.add([(DATA, 100)], 0, "rx0", pin=True)
+    d.kick_prepare()
+    (c,) = q.pop()
+    q.push(c.head, 10)
+    q.publish()
+    assert d.get_used() == [("rx0", 10)]
+    before = bytes(mem.view(0x10000, 128))
+    d.readd(h, "rx0-again")
+    assert bytes(mem.view(0x10000, 128)) == before    # no descriptor written
+    d.kick_prepare()
+    (c2,) = q.pop()
+    assert c2.head == c.head and len(c2.writable[0]) == 100
+    with pytest.raises(ValueError):
+        d.readd(h, "twice")                           # still in flight
