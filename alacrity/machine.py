@@ -6,7 +6,7 @@ now, a KVM VM later) attaches to a Machine; the devices cannot tell which kind i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alacrity.bus import Bus, IoEventFd, IrqLine, Space
@@ -14,11 +14,18 @@ from alacrity.iothread import IoThread
 from alacrity.memory import GuestMemory
 from alacrity.virtio.device import Notify, VirtioDevice
 from alacrity.virtio.mmio import R_QUEUE_NOTIFY, WINDOW, VirtioMmioDevice
+from alacrity.vbus import abi as vbus_abi
+from alacrity.vbus.bridge import VbusBridge, VbusSignals
+from alacrity.vbus.device import VbusDevice
 
 RAM_BASE = 0
 MMIO_BASE = 0xD000_0000
 MMIO_STRIDE = 0x1000
 FIRST_GSI = 5
+# the vbus bridge's two windows (a PCI device's BAR0 and BAR1 historically)
+VBUS_MMIO_BASE = 0xD100_0000
+VBUS_PIO_BASE = 0x6000
+VBUS_HANDLES = 32
 # The I/O thread looks at its fds this long before it sleeps (QEMU's IOThreads poll up to
 # 32 us by default). Measured here: an exit on an idle host costs 25-30 us with 0 (a
 # wake-up), a few us with 50; bench blk depth 32 went from ~200k to ~270k ops/s.
@@ -34,6 +41,7 @@ class DeviceSlot:
     irq: IrqLine
     device: Any
     doorbells: list[IoEventFd]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Machine:
@@ -67,6 +75,41 @@ class Machine:
             self.io.add_poller(dev)
         self.slots.append(DeviceSlot("virtio-mmio", name, base, WINDOW, irq, dev, doorbells))
         return dev
+
+    def add_vbus_bridge(self, devices: list[VbusDevice], *, notify: Notify = Notify.MITIGATED,
+                        name: str = "vbus") -> VbusBridge:
+        """Place the vbus bridge (one per machine) with `devices` on its bus: the bridgecall
+        window in MMIO, the doorbell window in PIO, one interrupt, and a doorbell eventfd
+        for the event queue and for each shm-signal handle (datamatch = the handle)."""
+        if any(s.kind == "vbus-bridge" for s in self.slots):
+            raise ValueError("this machine already has a vbus bridge")
+        irq = IrqLine(FIRST_GSI + len(self.slots))
+        bridge = VbusBridge(self.mem, irq, handles=VBUS_HANDLES, notify=notify, name=name,
+                            defer=self.io.defer)
+        for dev in devices:
+            bridge.add_device(dev)
+        self.bus.map(Space.MMIO, VBUS_MMIO_BASE, vbus_abi.REGS_SIZE, bridge, name)
+        self.bus.map(Space.PIO, VBUS_PIO_BASE, vbus_abi.SIGNALS_SIZE, VbusSignals(bridge),
+                     f"{name}-signals")
+        doorbells = []
+
+        def add(offset: int, datamatch: int | None, fn) -> None:
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            ev = IoEventFd(Space.PIO, VBUS_PIO_BASE + offset, 4, datamatch, fd, fn)
+            self.bus.add_ioeventfd(ev)
+            self.io.add_reader(fd, self._reader(ev))
+            doorbells.append(ev)
+
+        add(vbus_abi.SIG_EVENTQ, None, bridge.doorbell_eventq)
+        for h in range(1, VBUS_HANDLES + 1):
+            add(vbus_abi.SIG_SHMSIGNAL, h, lambda n, h=h: bridge.doorbell_shm(h, n))
+        if Notify(notify) is Notify.POLL:
+            self.io.add_poller(bridge)
+        self.slots.append(DeviceSlot("vbus-bridge", name, VBUS_MMIO_BASE, vbus_abi.REGS_SIZE,
+                                     irq, bridge, doorbells,
+                                     {"pio": VBUS_PIO_BASE, "pio_size": vbus_abi.SIGNALS_SIZE,
+                                      "abi_version": vbus_abi.ABI_VERSION}))
+        return bridge
 
     def own(self, resource: Any) -> Any:
         """Close `resource` with the machine."""
@@ -104,7 +147,7 @@ class Machine:
         ioeventfds = [{"space": int(ev.space), "addr": ev.addr, "size": ev.size,
                        "datamatch": ev.datamatch, "fd": fd(ev.fd)} for ev in self.bus.ioeventfds]
         devices = [{"kind": s.kind, "name": s.name, "base": s.base, "size": s.size,
-                    "gsi": s.irq.gsi, "irq_fd": fd(s.irq.fd)} for s in self.slots]
+                    "gsi": s.irq.gsi, "irq_fd": fd(s.irq.fd), **s.extra} for s in self.slots]
         return {"ram": ram, "ioeventfds": ioeventfds, "devices": devices}, fds
 
     def reset(self) -> None:

@@ -17,14 +17,15 @@ REQUIRED = {"ops_per_s", "bytes_per_s", "lat_us", "doorbells_per_op", "interrupt
             "abi", "guest", "notify", "limit", "ratio_to_limit"}
 
 
+@pytest.mark.parametrize("abi", ["virtio-split", "vbus"])
 @pytest.mark.parametrize("notify,depth", [("always", 1), ("mitigated", 8), ("poll", 1)])
-def test_bench_blk_json_null(notify, depth):
-    p = alacrity("bench", "blk", "--seconds", "0.5", "--warmup", "0.2", "--depth", str(depth),
-                 "--notify", notify, "--json")
+def test_bench_blk_json_null(abi, notify, depth):
+    p = alacrity("bench", "blk", "--abi", abi, "--seconds", "0.5", "--warmup", "0.2",
+                 "--depth", str(depth), "--notify", notify, "--json")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert REQUIRED <= r.keys()
-    assert (r["abi"], r["guest"], r["notify"]) == ("virtio-split", "process", notify)
+    assert (r["abi"], r["guest"], r["notify"]) == (abi, "process", notify)
     assert r["ops"] > 100 and r["errors"] == 0
     assert r["bytes_per_s"] == pytest.approx(r["ops_per_s"] * 4096, rel=1e-3)
     assert 0 < r["lat_us"]["p50"] <= r["lat_us"]["p99"]
@@ -53,7 +54,8 @@ def test_bench_blk_on_a_file_with_a_table(tmp_path):
     (["--depth", "200"], "--depth"),
     (["--rw", "sideways"], "--rw"),
     (["--notify", "sometimes"], "--notify"),
-    (["--abi", "vbus"], "--abi"),
+    (["--abi", "vhost-user"], "--abi"),
+    (["--abi", "vbus", "--depth", "300"], "--depth"),
     (["--abi", "virtio-packed", "--depth", "100"], "--depth"),
     (["--guest", "kvm"], "--guest"),
     (["--seconds", "-1"], "--seconds"),
@@ -86,6 +88,10 @@ NET_REQUIRED = {"pps", "bytes_per_s", "lat_us", "doorbells_per_op", "interrupts_
     ("virtio-packed", "stream", "pair", "always"),
     ("virtio-split", "pingpong", "pair", "poll"),
     ("virtio-packed", "pingpong", "loopback", "mitigated"),
+    ("vbus", "stream", "pair", "mitigated"),
+    ("vbus", "stream", "loopback", "always"),
+    ("vbus", "pingpong", "loopback", "poll"),
+    ("vbus", "pingpong", "pair", "mitigated"),
 ])
 def test_bench_net_json(abi, mode, backend, notify):
     p = alacrity("bench", "net", "--abi", abi, "--mode", mode, "--backend", backend,

@@ -12,6 +12,7 @@ from alacrity.devices.net import NetCore, TapBackend
 from alacrity.errors import ConfigError
 from alacrity.guest.process import ProcessGuest
 from alacrity.machine import Machine
+from alacrity.vbus.venet import Venet
 from alacrity.virtio.net import VirtioNet
 
 from tests.netns import need_tools, netns, sh
@@ -36,7 +37,9 @@ s.sendto(b"stop", ("{guest}", 7000))
 """
 
 
-@pytest.mark.parametrize("abi", ["virtio-split", "virtio-packed"])
+# vbus-sg: venet with scatter-gather descriptors from the PMTD pool and the event queue
+# (LINKSTATE, TXC)
+@pytest.mark.parametrize("abi", ["virtio-split", "virtio-packed", "vbus", "vbus-sg"])
 def test_kernel_pings_the_guest_and_udp_flows_both_ways(abi):
     need_tools("ip", "ping")
     tap = f"altap{os.getpid() % 10000}"
@@ -46,7 +49,11 @@ def test_kernel_pings_the_guest_and_udp_flows_both_ways(abi):
         try:
             backend = m.attach(TapBackend(tap))
             core = NetCore(backend)
-            dev = m.add_virtio_mmio(VirtioNet(core))
+            if abi.startswith("vbus"):
+                dev = Venet(core)
+                m.add_vbus_bridge([dev])
+            else:
+                dev = m.add_virtio_mmio(VirtioNet(core))
             # the tap moves into the namespace, attached: the kernel there is our peer
             sh("ip", "link", "set", tap, "netns", ns)
             sh("ip", "-n", ns, "addr", "add", f"{NS_IP}/24", "dev", tap)
@@ -55,7 +62,9 @@ def test_kernel_pings_the_guest_and_udp_flows_both_ways(abi):
                                          RECEIVER.format(ip=NS_IP)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             guest = ProcessGuest(m).start("alacrity.guest.programs:net_peer", {
-                "ip": GUEST_IP, "peer": NS_IP, "peer_port": 7001, "abi": abi,
+                "ip": GUEST_IP, "peer": NS_IP, "peer_port": 7001,
+                "abi": "vbus" if abi.startswith("vbus") else abi,
+                "sg": abi == "vbus-sg", "pmtd": abi == "vbus-sg", "evq": abi == "vbus-sg",
                 "send": "hello from the guest", "seconds": 40})
             ping = sh("ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "3", GUEST_IP,
                       check=False, timeout=30)
@@ -70,6 +79,9 @@ def test_kernel_pings_the_guest_and_udp_flows_both_ways(abi):
             assert [NS_IP, 7000, "hello from the namespace"] in [[u[0], u[2], u[3]] for u in r["udp"]]
             assert core.counters.rx_frames >= 5 and core.counters.tx_frames >= 5
             assert not dev.broken
+            if abi == "vbus-sg":     # the frames really went through SG, PMTD and TXC
+                assert dev.sg and dev.pmtd and dev.txc and dev.linkstate
+                assert dev.tx_completions >= 5 and dev.malformed == 0
         finally:
             m.close()
             sh("ip", "link", "del", tap, check=False)

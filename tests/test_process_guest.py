@@ -13,6 +13,7 @@ from alacrity.devices.block import BlockCore, FileBackend
 from alacrity.guest.process import GuestDied, ProcessGuest
 from alacrity.guest.programs import lane_requests
 from alacrity.machine import Machine
+from alacrity.vbus.vblock import Vblock
 from alacrity.virtio.blk import VirtioBlk
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -44,28 +45,51 @@ def expected_image(size, seed, depth, count, region, max_sectors):
     return bytes(img)
 
 
-def test_guest_writes_land_in_the_file_across_the_index_wrap(host):
-    m, dev, img = host
+@pytest.fixture(params=["virtio", "vbus"])
+def disk_host(request, tmp_path):
+    """A machine with one disk on a real image: virtio-blk, or vblock behind the vbus
+    bridge; (machine, abi, requests served, broken?, image path)."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 << 20))
+    m = Machine(32 << 20)
+    backend = FileBackend(str(img))
+    if request.param == "vbus":
+        dev = Vblock(BlockCore(backend))
+        bridge = m.add_vbus_bridge([dev])
+        served = lambda: dev.requests                                 # noqa: E731
+        broken = lambda: dev.broken or bridge.broken                   # noqa: E731
+    else:
+        mmio = m.add_virtio_mmio(VirtioBlk(BlockCore(backend), queue_max=64))
+        served = lambda: mmio.stats[0].requests                       # noqa: E731
+        broken = lambda: mmio.broken                                   # noqa: E731
+    yield m, request.param, served, broken, img
+    m.close()
+    backend.close()
+
+
+def test_guest_writes_land_in_the_file_across_the_index_wrap(disk_host):
+    m, abi, served, broken, img = disk_host
     args = {"depth": 8, "count": 70_000, "seed": 7, "region_sectors": 2048, "max_sectors": 2,
-            "queue_size": 64}
+            "queue_size": 64, "abi": abi}
     g = ProcessGuest(m).start("alacrity.guest.programs:blk_write_lanes", args)
     r = g.wait(timeout=120)
     g.close()
     assert r["requests"] == 70_000
-    assert r["last_used"] == (70_000 + 1) & 0xFFFF     # + the final FLUSH: the index wrapped
+    if abi == "virtio":
+        assert r["last_used"] == (70_000 + 1) & 0xFFFF   # + the final FLUSH: the index wrapped
     want = expected_image(4 << 20, 7, 8, 70_000, 2048, 2)
     got = img.read_bytes()
     assert got[:2048 * 512] == want[:2048 * 512]
     assert got[2048 * 512:] == bytes(len(got) - 2048 * 512)   # nothing written elsewhere
-    assert dev.stats[0].requests == 70_001 and not dev.broken
+    assert served() == 70_001 and not broken()
 
 
-def test_host_data_reads_back_in_the_guest_across_the_index_wrap(host):
-    m, dev, img = host
+def test_host_data_reads_back_in_the_guest_across_the_index_wrap(disk_host):
+    m, abi, served, broken, img = disk_host
     data = os.urandom(4 << 20)
     img.write_bytes(data)
     args = {"depth": 6, "count": 67_200, "seed": 3, "region_sectors": 8190, "max_sectors": 8,
-            "queue_size": 32}
+            "queue_size": 32, "abi": abi}
     g = ProcessGuest(m).start("alacrity.guest.programs:blk_read_lanes", args)
     r = g.wait(timeout=120)
     g.close()
@@ -76,7 +100,9 @@ def test_host_data_reads_back_in_the_guest_across_the_index_wrap(host):
             h.update(sector.to_bytes(8, "little"))
             h.update(data[sector * 512:(sector + n) * 512])
         assert digest == h.hexdigest(), f"lane {i}"
-    assert r["last_used"] == 67_200 & 0xFFFF
+    if abi == "virtio":
+        assert r["last_used"] == 67_200 & 0xFFFF
+    assert served() == 67_200 and not broken()
 
 
 def test_selftest_reports_device_facts(host):

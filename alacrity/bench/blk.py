@@ -17,15 +17,19 @@ from alacrity.bench.limits import block_offsets, file_limit, null_limit
 from alacrity.bench.stats import latency_summary_us
 from alacrity.devices.block import SECTOR, BlockCore, open_backend
 from alacrity.errors import ConfigError
+from alacrity.guest.drivers.vbus_bridge import find_bridge
+from alacrity.guest.drivers.vblock import VblockDriver
 from alacrity.guest.drivers.virtio_blk import VirtioBlkDriver
 from alacrity.guest.process import ProcessGuest
 from alacrity.guest.programs import find_device
 from alacrity.machine import Machine
 from alacrity.virtio import blk as B
 from alacrity.virtio import spec
+from alacrity.vbus import vblock as V
+from alacrity.vbus.vblock import Vblock
 from alacrity.virtio.device import Notify
 
-ABIS = ("virtio-split", "virtio-packed")
+ABIS = ("virtio-split", "virtio-packed", "vbus")
 GUESTS = ("process",)
 RWS = ("read", "write", "randread", "randwrite")
 NOTIFY = tuple(n.value for n in Notify)
@@ -64,9 +68,12 @@ class BlkBench:
             raise ConfigError(f"--bs {self.bs}: larger than the device's size_max (4 MiB)")
         if self.depth < 1:
             raise ConfigError(f"--depth {self.depth}: must be at least 1")
-        if self.queue_size & (self.queue_size - 1) or not 2 <= self.queue_size <= 32768:
+        if self.abi == "vbus":
+            if not 2 <= self.queue_size <= 65536:
+                raise ConfigError(f"--queue-size {self.queue_size}: an IOQ holds 2..65536")
+        elif self.queue_size & (self.queue_size - 1) or not 2 <= self.queue_size <= 32768:
             raise ConfigError(f"--queue-size {self.queue_size}: must be a power of two, 2..32768")
-        if self.depth * 3 > self.queue_size:
+        if self.depth * (1 if self.abi == "vbus" else 3) > self.queue_size:
             raise ConfigError(f"--depth {self.depth}: needs {self.depth * 3} descriptors, "
                               f"the queue has {self.queue_size}")
         if self.host_spin_us < 0:
@@ -93,13 +100,21 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
     machine = Machine(ram, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
     try:
-        model = B.VirtioBlk(BlockCore(backend), queue_max=cfg.queue_size)
-        dev = machine.add_virtio_mmio(model, notify=notify)
+        if cfg.abi == "vbus":
+            vblock = Vblock(BlockCore(backend))
+            dev = machine.add_vbus_bridge([vblock], notify=notify)
+            signals = dev.totals
+            broken = lambda: vblock.broken or dev.broken       # noqa: E731
+        else:
+            dev = machine.add_virtio_mmio(B.VirtioBlk(BlockCore(backend), queue_max=cfg.queue_size),
+                                          notify=notify)
+            signals = dev.stats[0].as_dict
+            broken = lambda: dev.broken                          # noqa: E731
         guest = ProcessGuest(machine)
         marks: dict[str, dict[str, Any]] = {}
 
         def on_mark(name: str, data: dict[str, Any]) -> None:
-            marks[name] = {"queue": dev.stats[0].as_dict(), "exits": guest.exits,
+            marks[name] = {"queue": signals(), "exits": guest.exits,
                            "io_wakeups": machine.io.wakeups, "t": time.perf_counter()}
 
         guest.on_mark = on_mark
@@ -115,7 +130,7 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
                            if tick else None)
         finally:
             guest.close()
-        if dev.broken:
+        if broken():
             raise RuntimeError(f"device reported a guest error: {dev.last_error}")
     finally:
         machine.close()
@@ -167,27 +182,101 @@ def assemble(cfg: BlkBench, g: dict[str, Any], marks: dict[str, dict[str, Any]],
 # ---------------------------------------------------------------------------------------
 # guest side
 # ---------------------------------------------------------------------------------------
+class _Workload:
+    """What the benchmark loop needs from a block driver, whatever the ABI: stage a
+    request in a slot, post the staged ones, reap [(slot, status)], wait, counters."""
+
+    capacity: int
+    stats: Any
+
+    def submit(self, slot: int, sector: int) -> None: ...
+
+    def kick(self) -> None: ...
+
+    def reap(self) -> list[tuple[int, int]]: ...
+
+    def wait(self) -> None: ...
+
+    def extra(self) -> dict[str, int]:
+        return {}
+
+
+class _VirtioWorkload(_Workload):
+    def __init__(self, machine: Any, a: dict[str, Any], rtype: int):
+        notify = Notify(a["notify"])
+        t = self.t = find_device(machine, spec.ID_BLOCK)
+        drv = VirtioBlkDriver(t, depth=a["depth"], max_bytes=a["bs"], queue_size=a["queue_size"],
+                              event_idx=notify is Notify.MITIGATED,
+                              poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
+                              always_kick=notify is Notify.ALWAYS,
+                              packed=a["abi"] == "virtio-packed")
+        self.capacity = drv.capacity
+        self.stats = drv.stats
+        self.kick = drv.kick
+        self.wait = drv.wait
+        q = drv.q
+        add = q.add
+        get_used = q.get_used
+        pack = B.HEADER.pack_into
+        hdr_v, status_v = drv.hdr_v, drv.status_v
+        bs = a["bs"]
+        bufs = [[(drv.hdr[i], 16), (drv.data[i], bs), (drv.status[i], 1)]
+                for i in range(a["depth"])]
+        n_out = 2 if rtype == B.T_OUT else 1
+
+        def submit(slot: int, sector: int) -> None:
+            pack(hdr_v[slot], 0, rtype, 0, sector)
+            status_v[slot][0] = 0xFF
+            add(bufs[slot], n_out, slot)
+
+        def reap() -> list[tuple[int, int]]:
+            return [(slot, status_v[slot][0]) for slot, _ in get_used()]
+
+        self.submit = submit            # type: ignore[method-assign]
+        self.reap = reap                # type: ignore[method-assign]
+
+    def extra(self) -> dict[str, int]:
+        return {"isr_acks": self.t.acks}
+
+
+class _VbusWorkload(_Workload):
+    def __init__(self, machine: Any, a: dict[str, Any], rtype: int):
+        notify = Notify(a["notify"])
+        self.bridge = find_bridge(machine)
+        drv = VblockDriver(self.bridge, depth=a["depth"], max_bytes=a["bs"],
+                           queue_size=a["queue_size"], always=notify is Notify.ALWAYS,
+                           poll_us=a["poll_us"] if notify is Notify.POLL else 0.0)
+        self.capacity = drv.capacity
+        self.stats = drv.stats
+        self.kick = drv.kick
+        self.wait = drv.wait
+        self.reap = drv.reap
+        req_v, data = drv.req_v, drv.data
+        staged = drv._staged
+        req, size = drv.req, V.request_size(1)
+        pack = V.REQ.pack_into
+        bs = a["bs"]
+        for slot in range(a["depth"]):
+            V.IOV.pack_into(req_v[slot], V.REQ.size, bs, data[slot])
+
+        def submit(slot: int, sector: int) -> None:
+            pack(req_v[slot], 0, rtype, 0xFF, sector, 1)
+            staged.append((slot, req[slot], size))
+
+        self.submit = submit            # type: ignore[method-assign]
+
+    def extra(self) -> dict[str, int]:
+        return {"bus_interrupts": self.bridge.interrupts}
+
+
 def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
-    notify = Notify(a["notify"])
-    t = find_device(machine, spec.ID_BLOCK)
     depth = a["depth"]
     bs = a["bs"]
-    drv = VirtioBlkDriver(t, depth=depth, max_bytes=bs, queue_size=a["queue_size"],
-                          event_idx=notify is Notify.MITIGATED,
-                          poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
-                          always_kick=notify is Notify.ALWAYS,
-                          packed=a["abi"] == "virtio-packed")
     rtype = B.T_OUT if "write" in a["rw"] else B.T_IN
-    n_out = 2 if rtype == B.T_OUT else 1
-    sectors = [o // SECTOR for o in block_offsets(a["rw"], bs, drv.capacity * SECTOR)]
+    w = (_VbusWorkload if a["abi"] == "vbus" else _VirtioWorkload)(machine, a, rtype)
+    sectors = [o // SECTOR for o in block_offsets(a["rw"], bs, w.capacity * SECTOR)]
     n_sectors = len(sectors)
-    q = drv.q
-    add = q.add
-    get_used = q.get_used
-    pack = B.HEADER.pack_into
-    hdr_v = drv.hdr_v
-    status_v = drv.status_v
-    bufs = [[(drv.hdr[i], 16), (drv.data[i], bs), (drv.status[i], 1)] for i in range(depth)]
+    submit, kick, reap, wait = w.submit, w.kick, w.reap, w.wait
     clock = time.perf_counter_ns
     t_sub = [0] * depth
     lat: list[int] = []
@@ -198,7 +287,7 @@ def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
     measuring = False
     stopping = False
     inflight = 0
-    gstats = drv.stats
+    gstats = w.stats
     now = clock()
     t_start_measure = now + int(a["warmup"] * 1e9)
     t_end = t_start_measure + int(a["seconds"] * 1e9)
@@ -207,38 +296,34 @@ def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
     exits0 = 0
 
     for slot in range(depth):
-        pack(hdr_v[slot], 0, rtype, 0, sectors[pos])
+        submit(slot, sectors[pos])
         pos = (pos + 1) % n_sectors
-        status_v[slot][0] = 0xFF
-        add(bufs[slot], n_out, slot)
         t_sub[slot] = now
         inflight += 1
-    drv.kick()
+    kick()
     while True:
-        done = get_used()
+        done = reap()
         if not done:
             if stopping and not inflight:
                 break
-            drv.wait()
+            wait()
             continue
         now = clock()
-        for slot, _written in done:
+        for slot, status in done:
             inflight -= 1
-            if status_v[slot][0]:
+            if status:
                 errors += 1
             if measuring:
                 record(now - t_sub[slot])
                 ops += 1
             if not stopping:
-                pack(hdr_v[slot], 0, rtype, 0, sectors[pos])
+                submit(slot, sectors[pos])
                 pos += 1
                 if pos == n_sectors:
                     pos = 0
-                status_v[slot][0] = 0xFF
-                add(bufs[slot], n_out, slot)
                 t_sub[slot] = now
                 inflight += 1
-        drv.kick()
+        kick()
         if not measuring and not stopping and now >= t_start_measure:
             machine.mark("start")
             measuring = True
@@ -254,6 +339,6 @@ def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
             stopping = True
     counters = {k: g1[k] - g0[k] for k in g1}
     counters["exits"] = machine.exits - exits0
-    counters["isr_acks"] = t.acks
+    counters.update(w.extra())
     return {"ops": ops, "elapsed": measure_t1 - measure_t0, "errors": errors,
             "lat_us": latency_summary_us(lat), "counters": counters}

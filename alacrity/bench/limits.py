@@ -179,7 +179,10 @@ class ShmEcho:
         return False
 
     def poll_stop(self) -> bool:
-        return False
+        # nothing can wake the I/O thread for a ping written to memory: keep it polling
+        # for as long as the echo is registered (a guest preempted for longer than the
+        # poll window would otherwise wait forever)
+        return True
 
     def start(self) -> None:
         self.io.add_poller(self)

@@ -24,15 +24,18 @@ from alacrity.bench.limits import (EventfdEcho, ShmEcho, guest_eventfd_rtt, gues
 from alacrity.bench.stats import latency_summary_us
 from alacrity.devices.net import ETH_HLEN, NetCore, open_backends
 from alacrity.errors import ConfigError
+from alacrity.guest.drivers.vbus_bridge import find_bridge
+from alacrity.guest.drivers.venet import VenetDriver
 from alacrity.guest.drivers.virtio_net import HDR_LEN, VirtioNetDriver
 from alacrity.guest.process import ProcessGuest
 from alacrity.guest.programs import find_device
 from alacrity.machine import Machine
 from alacrity.virtio import net as N
 from alacrity.virtio import spec
+from alacrity.vbus import venet as E
 from alacrity.virtio.device import Notify
 
-ABIS = ("virtio-split", "virtio-packed")
+ABIS = ("virtio-split", "virtio-packed", "vbus")
 GUESTS = ("process",)
 MODES = ("stream", "pingpong")
 BACKENDS = ("loopback", "pair")
@@ -84,14 +87,22 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
     shm: list[ShmEcho] = []
     try:
         cores = [NetCore(b) for b in backends]
-        devs = [machine.add_virtio_mmio(N.VirtioNet(c, queue_max=cfg.queue_size), notify=notify)
-                for c in cores]
+        if cfg.abi == "vbus":
+            venets = [E.Venet(c) for c in cores]
+            bridge = machine.add_vbus_bridge(venets, notify=notify)
+            signals = bridge.totals
+            broken = [(f"venet{i}", v) for i, v in enumerate(venets)] + [("vbus", bridge)]
+        else:
+            devs = [machine.add_virtio_mmio(N.VirtioNet(c, queue_max=cfg.queue_size),
+                                            notify=notify) for c in cores]
+            signals = lambda: sum_stats(d.stats for d in devs)       # noqa: E731
+            broken = [(d.name, d) for d in devs]
         guest = ProcessGuest(machine)
         marks: dict[str, dict[str, Any]] = {}
 
         def on_mark(name: str, data: dict[str, Any]) -> None:
             if name in ("start", "end"):
-                marks[name] = {"stats": sum_stats(d.stats for d in devs), "exits": guest.exits}
+                marks[name] = {"stats": signals(), "exits": guest.exits}
             elif name == "limit-eventfd":
                 echo.start()
             elif name == "limit-shm":
@@ -108,7 +119,7 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
         limit_s = cfg.limit_seconds if cfg.mode == "pingpong" else 0.0
         total = cfg.warmup + cfg.seconds + limit_s
         args = {k: v for k, v in asdict(cfg).items()}
-        args["devices"] = len(devs)
+        args["devices"] = len(cores)
         guest.start("alacrity.bench.net:guest_main", args, extra_fds=[echo.ping, echo.pong])
         try:
             g = guest.wait(timeout=total + 60,
@@ -116,9 +127,10 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
                            if tick else None)
         finally:
             guest.close()
-        for d in devs:
+        for name, d in broken:
             if d.broken:
-                raise RuntimeError(f"{d.name} reported a guest error: {d.last_error}")
+                why = getattr(d, "last_error", "") or getattr(bridge, "last_error", "")
+                raise RuntimeError(f"{name} reported a guest error: {why}")
         counters = [c.counters.as_dict() for c in cores]
     finally:
         echo.close()
@@ -182,14 +194,20 @@ def _frame(mac: bytes, size: int) -> bytes:
 
 def guest_main(machine: Any, a: dict[str, Any]) -> dict[str, Any]:
     notify = Notify(a["notify"])
-    drivers = []
-    for i in range(a["devices"]):
-        t = find_device(machine, spec.ID_NET, i)
-        drivers.append(VirtioNetDriver(
-            t, queue_size=a["queue_size"], event_idx=notify is Notify.MITIGATED,
-            packed=a["abi"] == "virtio-packed",
-            poll_us=a["poll_us"] if notify is Notify.POLL else 0.0,
-            always_kick=notify is Notify.ALWAYS, reuse=a["reuse"]))
+    poll_us = a["poll_us"] if notify is Notify.POLL else 0.0
+    drivers: list[Any] = []
+    if a["abi"] == "vbus":
+        bridge = find_bridge(machine)
+        for i in range(a["devices"]):
+            drivers.append(VenetDriver(bridge, bridge.find(E.TYPE, i), queue_size=a["queue_size"],
+                                       always=notify is Notify.ALWAYS, poll_us=poll_us))
+    else:
+        for i in range(a["devices"]):
+            t = find_device(machine, spec.ID_NET, i)
+            drivers.append(VirtioNetDriver(
+                t, queue_size=a["queue_size"], event_idx=notify is Notify.MITIGATED,
+                packed=a["abi"] == "virtio-packed", poll_us=poll_us,
+                always_kick=notify is Notify.ALWAYS, reuse=a["reuse"]))
     if a["mode"] == "stream":
         result = _stream(machine, drivers, a)
     else:
@@ -233,27 +251,66 @@ class _Window:
             self.done = True
 
 
-def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> dict[str, Any]:
+class _StreamOps:
+    """The ring operations the stream loop needs, whatever the ABI: re-offer a tx slot
+    (its frame never changes), reap sent slots, take received buffers [(i, length)] and
+    hand them back, kick, wait. `hdr` is what precedes the frame in a buffer. Every slot
+    is offered once here (kick_tx posts them)."""
+
+    def __init__(self, tx_drv: Any, rx_drv: Any, frame: bytes, reuse: bool):
+        self.rx_view = rx_drv.rx_view
+        self.kick_tx, self.kick_rx, self.wait = tx_drv.kick_tx, rx_drv.kick_rx, rx_drv.wait
+        size = len(frame)
+        if isinstance(tx_drv, VenetDriver):
+            self.hdr = 0
+            for v in tx_drv.tx_view:
+                v[:size] = frame
+            self.slots = len(tx_drv.tx_view)
+            stage = tx_drv.stage
+            self.tx_again = lambda slot: stage(slot, size)
+            for slot in range(self.slots):       # every slot offered once up front
+                stage(slot, size)
+            self.tx_done = tx_drv.tx_done
+            self.rx_take = rx_drv.rx_take
+            release = rx_drv.rx_release
+            self.rx_release = lambda got: release(len(got))
+            return
+        self.hdr = HDR_LEN
+        txq, rxq = tx_drv.txq, rx_drv.rxq
+        for v in tx_drv.tx_view:                 # every tx slot holds the same frame
+            v[HDR_LEN:HDR_LEN + size] = frame
+        bufs = [[(addr, HDR_LEN + size)] for addr in tx_drv.tx_addr]
+        self.slots = len(bufs)
+        # pinned chains, offered again unchanged (unless the run asks drivers not to reuse
+        # descriptors)
+        handles = [txq.add(bufs[i], 1, i, pin=reuse) for i in range(len(bufs))]
+        txq_get, readd, add = txq.get_used, txq.readd, txq.add
+        self.tx_again = ((lambda slot: readd(handles[slot], slot)) if reuse
+                         else (lambda slot: add(bufs[slot], 1, slot)))
+        self.tx_done = lambda: [slot for slot, _ in txq_get()]
+        self.rx_take = rxq.get_used
+        repost = rx_drv.repost_rx
+
+        def rx_release(got: list[tuple[int, int]]) -> None:
+            for i, _ in got:
+                repost(i)
+
+        self.rx_release = rx_release
+
+
+def _stream(machine: Any, drivers: list[Any], a: dict[str, Any]) -> dict[str, Any]:
     tx_drv = drivers[0]
     rx_drv = drivers[-1]
     size = a["size"]
     frame = _frame(tx_drv.mac, size)
-    txq, rxq = tx_drv.txq, rx_drv.rxq
-    for v in tx_drv.tx_view:                     # every tx slot holds the same frame
-        v[HDR_LEN:HDR_LEN + size] = frame
-    tx_bufs = [[(addr, HDR_LEN + size)] for addr in tx_drv.tx_addr]
-    rx_view = rx_drv.rx_view
-    # every tx slot holds the same frame: pinned chains, offered again unchanged (unless
-    # the run asks drivers not to reuse descriptors)
-    reuse = a["reuse"]
-    tx_handles = [txq.add(tx_bufs[i], 1, i, pin=reuse) for i in range(len(tx_bufs))]
+    ops_ = _StreamOps(tx_drv, rx_drv, frame, a["reuse"])
+    hdr = ops_.hdr
+    rx_view = ops_.rx_view
     free: list[int] = []
-    sent = len(tx_bufs)
-    tx_readd = txq.readd if reuse else (lambda h, slot: txq.add(tx_bufs[slot], 1, slot))
-    rx_repost = rx_drv.repost_rx
-    tx_get, rx_get = txq.get_used, rxq.get_used
-    kick_tx, kick_rx = tx_drv.kick_tx, rx_drv.kick_rx
-    want_len = HDR_LEN + size
+    sent = ops_.slots
+    tx_again, tx_done, rx_take, rx_release = ops_.tx_again, ops_.tx_done, ops_.rx_take, ops_.rx_release
+    kick_tx, kick_rx, wait = ops_.kick_tx, ops_.kick_rx, ops_.wait
+    want_len = hdr + size
     stats = [s for d in drivers for s in (d.rx_stats, d.tx_stats)]
     win = _Window(machine, a["warmup"], a["seconds"], stats)
     clock = time.perf_counter_ns
@@ -263,31 +320,30 @@ def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> 
     lat: list[int] = []
     kick_tx()
     while True:
-        for slot, _ in tx_get():
-            free.append(slot)
+        free.extend(tx_done())
         if free and not win.done:
             now = clock()
             for slot in free:
-                tx_readd(tx_handles[slot], slot)
+                tx_again(slot)
                 if not sent % sample:
                     t_sent[sent] = now
                 sent += 1
             free.clear()
             kick_tx()
-        got = rx_get()
+        got = rx_take()
         if got:
             now = clock()
             for i, n in got:
                 if n != want_len:
                     errors += 1
-                elif not received & 1023 and rx_view[i][HDR_LEN:want_len] != frame:
+                elif not received & 1023 and rx_view[i][hdr:want_len] != frame:
                     errors += 1
                 if not received % sample:
                     t = t_sent.pop(received, None)
                     if t is not None and win.measuring:
                         lat.append(now - t)
-                rx_repost(i)
                 received += 1
+            rx_release(got)
             if win.measuring:
                 ops += len(got)
             kick_rx()
@@ -298,15 +354,15 @@ def _stream(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> 
             # coalesce: wake when half of what is in flight has come back (or, with a full
             # tx ring, three quarters of it has been sent)
             inflight = sent - received
-            rx_drv.wait(tx=not free, rx_delay=max(0, min(64, inflight // 2) - 1),
-                        tx_delay=max(0, len(tx_bufs) * 3 // 4 - 1))
+            wait(tx=not free, rx_delay=max(0, min(64, inflight // 2) - 1),
+                 tx_delay=max(0, ops_.slots * 3 // 4 - 1))
             if win.done:
                 win.check(clock())
     return {"ops": ops, "elapsed": win.t1 - win.t0, "errors": errors,
             "lat_us": latency_summary_us(lat), "counters": win.counters}
 
 
-def _pingpong(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -> dict[str, Any]:
+def _pingpong(machine: Any, drivers: list[Any], a: dict[str, Any]) -> dict[str, Any]:
     a_drv = drivers[0]
     b_drv = drivers[-1]
     frame = _frame(a_drv.mac, a["size"])
@@ -316,7 +372,7 @@ def _pingpong(machine: Any, drivers: list[VirtioNetDriver], a: dict[str, Any]) -
     lat: list[int] = []
     errors = ops = 0
 
-    def exchange(src: VirtioNetDriver, dst: VirtioNetDriver, data: bytes) -> bytes:
+    def exchange(src: Any, dst: Any, data: bytes) -> bytes:
         src.send(data)
         src.kick_tx()
         while True:

@@ -43,7 +43,14 @@ def lane_requests(seed: int, lane: int, count: int, lane_start: int, lane_sector
         yield s, n, rng
 
 
-def _open_blk(machine: Any, args: dict[str, Any]) -> VirtioBlkDriver:
+def _open_blk(machine: Any, args: dict[str, Any]) -> Any:
+    """A block driver: virtio-blk, or vblock when args["abi"] is "vbus"."""
+    if args.get("abi") == "vbus":
+        from alacrity.guest.drivers.vbus_bridge import find_bridge
+        from alacrity.guest.drivers.vblock import VblockDriver
+        return VblockDriver(find_bridge(machine), depth=args.get("depth", 1),
+                            max_bytes=args.get("max_sectors", 8) * 512,
+                            queue_size=args.get("queue_size", 256))
     t = find_device(machine, spec.ID_BLOCK)
     return VirtioBlkDriver(t, depth=args.get("depth", 1),
                            max_bytes=args.get("max_sectors", 8) * 512,
@@ -52,7 +59,7 @@ def _open_blk(machine: Any, args: dict[str, Any]) -> VirtioBlkDriver:
                            indirect=args.get("indirect", False))
 
 
-def _run_lanes(drv: VirtioBlkDriver, args: dict[str, Any], write: bool) -> list[str]:
+def _run_lanes(drv: Any, args: dict[str, Any], write: bool) -> list[str]:
     depth = drv.depth
     lane_sectors = args["region_sectors"] // depth
     per_lane = args["count"] // depth
@@ -80,12 +87,12 @@ def _run_lanes(drv: VirtioBlkDriver, args: dict[str, Any], write: bool) -> list[
     drv.kick()
     while pending:
         drv.wait()
-        for slot, status, written in drv.reap():
+        for slot, status, *written in drv.reap():    # virtio also says what it wrote
             sector, nbytes = pending.pop(slot)
             if status != B.S_OK:
                 raise IOError(f"request at sector {sector} failed with status {status}")
             if not write:
-                if written != nbytes + 1:
+                if written and written[0] != nbytes + 1:
                     raise IOError(f"read at {sector}: device wrote {written}, wanted {nbytes + 1}")
                 digests[slot].update(sector.to_bytes(8, "little"))
                 digests[slot].update(drv.data_v[slot][:nbytes])
@@ -101,13 +108,13 @@ def blk_write_lanes(machine: Any, args: dict[str, Any]) -> dict[str, Any]:
     drv = _open_blk(machine, args)
     _run_lanes(drv, args, write=True)
     return {"requests": (args["count"] // drv.depth) * drv.depth, "exits": machine.exits,
-            "last_used": drv.q.last_used}
+            "last_used": getattr(drv.q, "last_used", None)}
 
 
 def blk_read_lanes(machine: Any, args: dict[str, Any]) -> dict[str, Any]:
     drv = _open_blk(machine, args)
     digests = _run_lanes(drv, args, write=False)
-    return {"digests": digests, "last_used": drv.q.last_used}
+    return {"digests": digests, "last_used": getattr(drv.q, "last_used", None)}
 
 
 def blk_selftest(machine: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +142,14 @@ def net_peer(machine: Any, args: dict[str, Any]) -> dict[str, Any]:
     from alacrity.guest.drivers.virtio_net import VirtioNetDriver
     from alacrity.guest.netstack import TinyHost
 
-    drv = VirtioNetDriver(find_device(machine, spec.ID_NET),
-                          packed=args.get("abi") == "virtio-packed")
+    if args.get("abi") == "vbus":
+        from alacrity.guest.drivers.vbus_bridge import find_bridge
+        from alacrity.guest.drivers.venet import VenetDriver
+        drv: Any = VenetDriver(find_bridge(machine), sg=args.get("sg", False),
+                               pmtd=args.get("pmtd", False), evq=args.get("evq", False))
+    else:
+        drv = VirtioNetDriver(find_device(machine, spec.ID_NET),
+                              packed=args.get("abi") == "virtio-packed")
     host = TinyHost(drv, args["ip"])
     deadline = time.monotonic() + args.get("seconds", 30)
     next_send = 0.0
