@@ -211,6 +211,7 @@ class VbusBridge:
             if dev is None:
                 raise CallError(abi.ENODEV, f"DEVOPEN: no device {devid}")
             dev.open(self.mem, version)
+            dev.polling = self.polling
             devh = self.next_devh
             self.next_devh += 1
             self.opened[devh] = dev
@@ -440,6 +441,7 @@ class VbusBridge:
         with self.lock:
             self.polling = True
             for dev in self.opened.values():
+                dev.polling = True
                 for s in dev.signals():
                     s.disable()
 
@@ -448,7 +450,7 @@ class VbusBridge:
             return False
         worked = False
         with self.lock:
-            for dev in list(self.opened.values()):
+            for dev in self.opened.values():
                 if dev.broken:
                     continue
                 try:
@@ -463,12 +465,17 @@ class VbusBridge:
         with self.lock:
             self.polling = False
             for dev in self.opened.values():
-                for s in dev.signals():
-                    try:
+                dev.polling = False
+                try:
+                    for s in dev.signals():
                         if s.enable():
                             pending = True
-                    except GuestError as e:
-                        self._device_failed(dev, str(e))
+                    # work that came after the last pass and will not signal (frames a
+                    # backend queued while we polled): one more pass finds it
+                    if not dev.broken and dev.poll():
+                        pending = True
+                except GuestError as e:
+                    self._device_failed(dev, str(e))
         return pending
 
     # -- reports ------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class VbusDevice:
         self.is_open = False
         self.broken = False
         self.budget = 32                       # descriptors per pass
+        self.polling = False                   # the bridge busy-polls us (poll() runs soon)
         # set by the bridge: run fn soon on the I/O thread (fn returns True: again)
         self.schedule: Callable[[Callable[[], bool]], None] = lambda fn: None
         self.fail: Callable[[str], None] = lambda why: None

@@ -101,16 +101,27 @@ class Ioq:
                              f">= count {self.count}")
         return v
 
+    def index(self, idx: int) -> tuple[int, int, int]:
+        """(head, tail, used) of one index, read once and checked."""
+        h32 = self._h32
+        w = IDX_OFFSET[idx] >> 2
+        h = h32[w]
+        t = h32[w + 1]
+        count = self.count
+        if h >= count or t >= count:
+            raise GuestError(f"IOQ {self.addr:#x}: {('valid', 'inuse')[idx]} index "
+                             f"{h}/{t} >= count {count}")
+        if h == t:
+            return h, t, (count if self.view[IDX_OFFSET[idx] + 8] else 0)
+        return h, t, (t - h if t > h else t + count - h)
+
     def full(self, idx: int) -> bool:
         """ioq_full(): the flag only counts when head == tail (a lying flag is ignored)."""
         return bool(self.view[IDX_OFFSET[idx] + 8]) and self.head(idx) == self.tail(idx)
 
     def used(self, idx: int) -> int:
         """ioq_count(): descriptors between head and tail."""
-        h, t = self.head(idx), self.tail(idx)
-        if self.view[IDX_OFFSET[idx] + 8] and h == t:
-            return self.count
-        return t - h if t >= h else t + self.count - h
+        return self.index(idx)[2]
 
     def remain(self, idx: int) -> int:
         return self.count - self.used(idx)
@@ -195,13 +206,14 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        pos = self.head(INUSE)
+        pos, _, used = self.index(INUSE)
         out = []
         # only what the index says is there, and only what we own
-        for _ in range(min(limit, self.used(INUSE))):
+        for _ in range(limit if limit < used else used):
             if ring[pos * DESC_SIZE + 25] != me:
                 break
-            out.append((pos, q[4 * pos], q[4 * pos + 1], q[4 * pos + 2]))
+            k = pos << 2
+            out.append((pos, q[k], q[k + 1], q[k + 2]))
             pos += 1
             if pos == count:
                 pos = 0
@@ -211,12 +223,13 @@ class Ioq:
         """Pop n descriptors from the inuse head (taken with take()), handing them to the
         peer: head moves, full clears, ownership flips. South: completions; north: buffers
         posted again, with `length` written back as each one's len if given)."""
+        if not n:
+            return
         ring = self._ring
         q = self._q
         me = self.locale
         count = self.count
-        o = IDX_OFFSET[INUSE]
-        pos = self.head(INUSE)
+        pos = start = self.index(INUSE)[0]
         peer = self.peer
         for _ in range(n):
             if ring[pos * DESC_SIZE + 25] != me:
@@ -224,13 +237,18 @@ class Ioq:
                                  f"while we held it")
             if length is not None:
                 q[4 * pos + 2] = length
+            pos += 1
+            if pos == count:
+                pos = 0
+        self._h32[9] = pos                      # inuse head (byte 36)
+        if self.view[44]:
+            self.view[44] = 0
+        pos = start
+        for _ in range(n):                      # then the descriptors go to the peer
             ring[pos * DESC_SIZE + 25] = peer
             pos += 1
             if pos == count:
                 pos = 0
-        self._h32[o // 4] = pos
-        if n and self.view[o + 8]:
-            self.view[o + 8] = 0
 
     def free_slots(self, limit: int) -> list[tuple[int, int, int, int]]:
         """South: buffers the guest posted, at the inuse tail, that we own and may fill:
@@ -239,42 +257,52 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        pos = self.tail(INUSE)
-        if self.full(INUSE):
-            return []
+        head, pos, used = self.index(INUSE)
         out = []
-        head = self.head(INUSE)
-        for _ in range(min(limit, count)):
+        room = count - used                     # up to the inuse head
+        for _ in range(limit if limit < room else room):
             if ring[pos * DESC_SIZE + 25] != me:
                 break
-            out.append((pos, q[4 * pos], q[4 * pos + 1], q[4 * pos + 2]))
+            k = pos << 2
+            out.append((pos, q[k], q[k + 1], q[k + 2]))
             pos += 1
             if pos == count:
                 pos = 0
-            if pos == head:
-                break
         return out
 
     def fill(self, lens: list[int]) -> None:
         """South: push len(lens) filled buffers at the inuse tail, writing each one's length
-        (ioq_iter_push on inuse): the tail moves, then ownership flips to north."""
+        (ioq_iter_push on inuse): the lengths are written, the tail moves (one store), then
+        ownership flips to north in order."""
+        n = len(lens)
+        if not n:
+            return
         ring = self._ring
         q = self._q
         me = self.locale
-        peer = self.peer
         count = self.count
-        o = IDX_OFFSET[INUSE]
-        for n in lens:
-            pos = self.tail(INUSE)
+        head, start, used = self.index(INUSE)
+        if n > count - used:
+            raise GuestError(f"IOQ {self.addr:#x}: {n} buffers filled, {count - used} free")
+        pos = start
+        for length in lens:
             if ring[pos * DESC_SIZE + 25] != me:
                 raise GuestError(f"IOQ {self.addr:#x}: descriptor {pos} changed owner "
                                  f"while the device filled it")
-            q[4 * pos + 2] = n
-            t = pos + 1 if pos + 1 < count else 0
-            if self.head(INUSE) == t:
-                self.view[o + 8] = 1
-            self._h32[o // 4 + 1] = t
+            q[4 * pos + 2] = length
+            pos += 1
+            if pos == count:
+                pos = 0
+        if pos == head:
+            self.view[44] = 1                   # full: set before the tail lands on head
+        self._h32[10] = pos                     # inuse tail (byte 40)
+        peer = self.peer
+        pos = start
+        for _ in range(n):
             ring[pos * DESC_SIZE + 25] = peer
+            pos += 1
+            if pos == count:
+                pos = 0
 
     # -- batched guest (north) operations ---------------------------------------------------
     def post(self, entries: list[tuple[int, int, int]], *, both: bool = True) -> None:
@@ -288,12 +316,15 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        if len(entries) > self.remain(VALID):
+        vhead, start, used = self.index(VALID)
+        if len(entries) > count - used:
             raise GuestError(f"IOQ {self.addr:#x}: {len(entries)} descriptors posted, "
-                             f"{self.remain(VALID)} free")
-        start = pos = self.tail(VALID)
-        if both and self.tail(INUSE) != pos:
-            raise GuestError(f"IOQ {self.addr:#x}: valid and inuse tails not synchronized")
+                             f"{count - used} free")
+        pos = start
+        if both:
+            ihead, itail, _ = self.index(INUSE)
+            if itail != pos:
+                raise GuestError(f"IOQ {self.addr:#x}: valid and inuse tails not synchronized")
         for cookie, ptr, length in entries:
             base = pos * DESC_SIZE
             if ring[base + 25] != me:
@@ -306,11 +337,14 @@ class Ioq:
             pos += 1
             if pos == count:
                 pos = 0
-        for idx in ((VALID, INUSE) if both else (VALID,)):
-            o = IDX_OFFSET[idx]
-            if self._h32[o // 4] == pos:
-                self.view[o + 8] = 1             # full: set before the tail lands on head
-            self._h32[o // 4 + 1] = pos
+        h32 = self._h32
+        if vhead == pos:
+            self.view[32] = 1                    # full: set before the tail lands on head
+        h32[7] = pos                             # valid tail (byte 28)
+        if both:
+            if ihead == pos:
+                self.view[44] = 1
+            h32[10] = pos                        # inuse tail (byte 40)
         peer = self.peer
         pos = start
         for _ in range(len(entries)):
@@ -326,39 +360,37 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        o = IDX_OFFSET[VALID]
-        pos = self.head(VALID)
+        pos, _, used = self.index(VALID)
         out = []
-        for _ in range(min(limit, self.used(VALID))):
+        for _ in range(limit if limit < used else used):
             if ring[pos * DESC_SIZE + 25] != me:
                 break
-            out.append(q[4 * pos])
+            out.append(q[pos << 2])
             pos += 1
             if pos == count:
                 pos = 0
         if out:
-            self._h32[o // 4] = pos
-            if self.view[o + 8]:
-                self.view[o + 8] = 0
+            self._h32[6] = pos                   # valid head (byte 24)
+            if self.view[32]:
+                self.view[32] = 0
         return out
 
     def done(self) -> bool:
-        """North: is a finished request waiting at the valid head?"""
+        """North: is a finished request waiting at the valid head? (cheap: no list)"""
         h32 = self._h32
-        pos = h32[IDX_OFFSET[VALID] // 4]
+        pos = h32[6]                                   # valid head (byte 24)
         if pos >= self.count:
             return False
-        if pos == h32[IDX_OFFSET[VALID] // 4 + 1] and not self.view[IDX_OFFSET[VALID] + 8]:
+        if pos == h32[7] and not self.view[32]:        # empty: head == tail, not full
             return False
         return self._ring[pos * DESC_SIZE + 25] == self.locale
 
     def ready(self) -> bool:
         """Is a descriptor handed to us waiting at the inuse head? (cheap: no list)"""
         h32 = self._h32
-        o = IDX_OFFSET[INUSE] // 4
-        pos = h32[o]
+        pos = h32[9]                                   # inuse head (byte 36)
         if pos >= self.count:
             return False
-        if pos == h32[o + 1] and not self.view[IDX_OFFSET[INUSE] + 8]:
+        if pos == h32[10] and not self.view[44]:
             return False
         return self._ring[pos * DESC_SIZE + 25] == self.locale

@@ -127,7 +127,7 @@ class Vblock(VbusDevice):
         return False
 
     def poll(self) -> bool:
-        if self.q is None:
+        if self.q is None or not self.q.ready():
             return False
         self._deferred = False
         return bool(self._pass())

@@ -310,7 +310,8 @@ class Venet(VbusDevice):
 
     # -- guest receive -----------------------------------------------------------------------------
     def _frames_waiting(self) -> None:
-        self.schedule(self.pump)
+        if not self.polling:           # a polling bridge finds the backlog on its next pass
+            self.schedule(self.pump)
 
     def _rx_doorbell(self) -> None:
         # the guest posted buffers; frames may be waiting for them
@@ -378,7 +379,8 @@ class Venet(VbusDevice):
     # -- polling -----------------------------------------------------------------------------------
     def poll(self) -> bool:
         worked = False
-        if self.txq is not None and self.link and self._tx_pass():
+        txq = self.txq
+        if txq is not None and self.link and txq.ready() and self._tx_pass():
             worked = True
             self._tx_deferred = False
         if self.core.backlog and self.pump():

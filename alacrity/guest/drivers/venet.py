@@ -181,15 +181,23 @@ class VenetDriver:
         self.rxq.release(n, length=self.buf_size)
 
     def recv(self) -> list[bytes]:
-        got = self.rx_take()
+        """Every frame received since the last call; the buffers go straight back to the
+        device (kick_rx tells it, if it asked)."""
+        got = self.rxq.take(self.rxq.count)
+        if not got:
+            return []
         view = self.rx_view
+        n_buf = len(view)
+        size = self.buf_size
         frames = []
-        for i, n in got:
+        for _pos, i, _ptr, n in got:
+            if i >= n_buf or n > size:
+                raise DeviceError(f"venet: rx descriptor {i} filled with {n} bytes")
             if n:
                 frames.append(bytes(view[i][:n]))
             else:
                 self.rx_errors += 1        # FLUSHRX hands buffers back empty
-        self.rx_release(len(got))
+        self.rxq.release(len(got), length=size)
         return frames
 
     def kick_rx(self) -> bool:
@@ -240,9 +248,13 @@ class VenetDriver:
         re-check and sleep on the bus interrupt. shm-signal has no delayed wake-up: the
         delays are accepted for the caller's sake and ignored."""
         rxq, txq = self.rxq, self.txq
+        if tx:
+            rx_ready, tx_done = rxq.ready, txq.done
 
-        def ready() -> bool:
-            return rxq.ready() or (tx and txq.done())
+            def ready() -> bool:
+                return rx_ready() or tx_done()
+        else:
+            ready = rxq.ready
 
         if ready():
             return
