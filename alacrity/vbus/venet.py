@@ -242,11 +242,22 @@ class Venet(VbusDevice):
             return 0
         frames = []
         cookies = []
-        for _pos, cookie, ptr, length in taken:
-            frame, sg_cookie = self._import(ptr, length)
-            if frame is not None:
-                frames.append(frame)
-            cookies.append(sg_cookie if sg_cookie is not None else cookie)
+        if not self.sg:                 # flat frames: the common case, inline
+            view = self.mem.view
+            max_frame = self.core.max_frame
+            for _pos, _cookie, ptr, length in taken:
+                if 0 < length <= max_frame:
+                    frames.append(bytes(view(ptr, length)))
+                else:
+                    self.malformed += 1
+                    self.core.counters.tx_malformed += 1
+            cookies = [c for _, c, _, _ in taken] if self.txc else cookies
+        else:
+            for _pos, cookie, ptr, length in taken:
+                frame, sg_cookie = self._import(ptr, length)
+                if frame is not None:
+                    frames.append(frame)
+                cookies.append(sg_cookie if sg_cookie is not None else cookie)
         q.release(len(taken))
         self.tx_completions += len(taken)
         if self.txc and self.evq is not None:
@@ -264,15 +275,10 @@ class Venet(VbusDevice):
         self.schedule(self._tx_continue)
 
     def _import(self, ptr: int, length: int) -> tuple[bytes | None, int | None]:
-        """One tx descriptor as a frame (None: dropped and counted), and its SG cookie."""
+        """One SG tx descriptor as a frame (None: dropped and counted), and its cookie."""
         mem = self.mem
-        if not self.sg:
-            if length > self.core.max_frame or length < 1:
-                self.malformed += 1
-                self.core.counters.tx_malformed += 1
-                return None, None
-            return bytes(mem.view(ptr, length)), None
-        # scatter-gather: copy the descriptor first, then validate the copy
+        # scatter-gather (flat frames are read inline in _tx_pass): copy the descriptor
+        # first, then validate the copy
         if not SG.size <= length <= sg_size(MAX_SG):
             self.malformed += 1
             self.core.counters.tx_malformed += 1
