@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import time
+from typing import Callable
 
 from alacrity.memory import GuestMemory
 from alacrity.virtio.spec import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -134,3 +136,11 @@ class RawPackedRing:
     def device_event(self) -> tuple[int, int]:
         v = self.mem.read_u32(self.device)
         return v & 0xFFFF, v >> 16
+
+
+def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait for work another thread does (the I/O thread) to show."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)

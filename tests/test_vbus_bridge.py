@@ -3,7 +3,6 @@ an in-process guest: negotiation, the event queue, hypercalls by SLOWCALL and fa
 and every kind of bad request a guest can make. The host keeps running through all of it."""
 
 import os
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from alacrity.guest.drivers.vblock import VblockDriver
 from alacrity.guest.local import LocalGuest
 from alacrity.machine import VBUS_MMIO_BASE, VBUS_PIO_BASE, Machine
 from alacrity.vbus import abi
+from tests.helpers import until
 from alacrity.vbus import vblock as V
 from alacrity.vbus.ioq import Ioq, init_ring, ring_size
 from alacrity.vbus.shm_signal import NORTH
@@ -29,13 +29,6 @@ def vm():
     g = LocalGuest(m)
     yield m, bridge, disk, g
     m.close()
-
-
-def until(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.001)
 
 
 def raw_call(g, vector, length, datap):

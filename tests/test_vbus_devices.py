@@ -15,15 +15,9 @@ from alacrity.guest.drivers.venet import VenetDriver
 from alacrity.guest.local import LocalGuest
 from alacrity.machine import Machine
 from alacrity.vbus import abi
+from tests.helpers import until
 from alacrity.vbus import vblock as V
 from alacrity.vbus import venet as E
-
-
-def until(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.001)
 
 
 @pytest.fixture
@@ -222,7 +216,6 @@ def test_pmtd_descriptor_changed_after_posting_cannot_escape_the_check(net):
     drv.stage(0, 100)
     sg_addr = None
     real_view = m.mem.view
-    pool_base, pool_len = None, None
 
     def racing_view(addr, length):
         v = real_view(addr, length)

@@ -291,9 +291,10 @@ def test_descriptors_not_owned_are_not_taken_or_pushed(mem):
     # the index says two are there, but north never handed them over
     mem.view(RING + 36 + 4, 4)[:] = (2).to_bytes(4, "little")
     assert south.take(4) == []
-    # south cannot push a descriptor north owns
-    with pytest.raises(GuestError, match="other side owns"):
-        south.push(INUSE, south.tail(INUSE))
+    # south cannot fill a buffer north never posted
+    mem.view(RING + 36 + 4, 4)[:] = (0).to_bytes(4, "little")
+    with pytest.raises(GuestError, match="changed owner"):
+        south.fill([10])
     # north flips ownership of a held descriptor back while south holds it
     mem.view(RING + 36 + 4, 4)[:] = (0).to_bytes(4, "little")
     north.post([(1, 0, 0)])

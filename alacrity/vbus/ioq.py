@@ -26,7 +26,7 @@ from typing import Callable
 from alacrity.errors import GuestError
 from alacrity.memory import GuestMemory
 from alacrity.vbus import shm_signal
-from alacrity.vbus.shm_signal import NORTH, SOUTH, ShmSignal
+from alacrity.vbus.shm_signal import ShmSignal
 
 MAGIC = 0x47FA2FE4
 VERSION = 4
@@ -39,8 +39,6 @@ IDX_OFFSET = (24, 36)
 COUNT_OFFSET = 48
 MAX_COUNT = 1 << 16
 
-DESC = struct.Struct("<QQQBB6x")       # cookie, ptr, len, valid, sown
-HEAD = struct.Struct("<II16sIIB3xIIB3xI4x")  # magic, ver, signal, valid{h,t,full}, inuse{..}, count
 
 
 def ring_size(count: int) -> int:
@@ -126,29 +124,7 @@ class Ioq:
     def remain(self, idx: int) -> int:
         return self.count - self.used(idx)
 
-    def empty(self, idx: int) -> bool:
-        return self.used(idx) == 0
-
-    def _tail_push(self, idx: int) -> None:
-        o = IDX_OFFSET[idx]
-        t = self.tail(idx) + 1
-        if t == self.count:
-            t = 0
-        if self.head(idx) == t:
-            self.view[o + 8] = 1               # full: set before the tail moves onto head
-        self._h32[o // 4 + 1] = t
-
     # -- descriptors ------------------------------------------------------------------------
-    def sown(self, pos: int) -> int:
-        return self._ring[pos * DESC_SIZE + 25]
-
-    def valid(self, pos: int) -> int:
-        return self._ring[pos * DESC_SIZE + 24]
-
-    def desc(self, pos: int) -> tuple[int, int, int, int, int]:
-        """(cookie, ptr, len, valid, sown) of descriptor pos."""
-        return DESC.unpack_from(self._ring, pos * DESC_SIZE)
-
     def set_desc(self, pos: int, *, cookie: int | None = None, ptr: int | None = None,
                  length: int | None = None, valid: int | None = None) -> None:
         q = self._q
@@ -160,42 +136,6 @@ class Ioq:
             q[4 * pos + 2] = length
         if valid is not None:
             self._ring[pos * DESC_SIZE + 24] = valid
-
-    # -- iterator operations (ioq_iter_push / ioq_iter_pop) -----------------------------------
-    def push(self, idx: int, pos: int, *, both: bool = False, flip: bool = True) -> int:
-        """Push the descriptor at pos onto the tail of `idx` (both: valid and inuse).
-        Returns the next position."""
-        if pos != self.tail(idx):
-            raise GuestError(f"IOQ {self.addr:#x}: push at {pos}, but the "
-                             f"{('valid', 'inuse')[idx]} tail is {self.tail(idx)}")
-        if self._ring[pos * DESC_SIZE + 25] != self.locale:
-            raise GuestError(f"IOQ {self.addr:#x}: push of descriptor {pos}, which the "
-                             f"other side owns")
-        self._tail_push(idx)
-        if both:
-            self._tail_push(INUSE)
-            if self.tail(INUSE) != self.tail(VALID):
-                raise GuestError(f"IOQ {self.addr:#x}: valid and inuse tails not synchronized")
-        if flip:
-            self._ring[pos * DESC_SIZE + 25] = self.peer
-        return pos + 1 if pos + 1 < self.count else 0
-
-    def pop(self, idx: int, pos: int, *, flip: bool = True) -> int:
-        """Pop the descriptor at pos from the head of `idx`. Returns the next position."""
-        if pos != self.head(idx):
-            raise GuestError(f"IOQ {self.addr:#x}: pop at {pos}, but the "
-                             f"{('valid', 'inuse')[idx]} head is {self.head(idx)}")
-        if self._ring[pos * DESC_SIZE + 25] != self.locale:
-            raise GuestError(f"IOQ {self.addr:#x}: pop of descriptor {pos}, which the "
-                             f"other side owns")
-        o = IDX_OFFSET[idx]
-        nxt = pos + 1 if pos + 1 < self.count else 0
-        self._h32[o // 4] = nxt
-        if self.view[o + 8]:
-            self.view[o + 8] = 0
-        if flip:
-            self._ring[pos * DESC_SIZE + 25] = self.peer
-        return nxt
 
     # -- batched host operations -----------------------------------------------------------
     def take(self, limit: int) -> list[tuple[int, int, int, int]]:

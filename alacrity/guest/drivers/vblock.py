@@ -10,7 +10,6 @@ event queue; the queue's own signal is enabled only while wait() sleeps.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from alacrity.errors import DeviceError
 from alacrity.guest.drivers.vbus_bridge import VbusBridgeDriver, VbusError

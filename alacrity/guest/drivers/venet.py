@@ -12,7 +12,6 @@ Signals toward the driver are enabled only while wait() sleeps (unless `always`)
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from alacrity.bus import QueueStats
 from alacrity.errors import DeviceError
