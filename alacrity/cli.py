@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -32,6 +33,10 @@ def size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def positive_float(text: str) -> float:
@@ -97,6 +102,31 @@ def build_parser() -> Parser:
                         "buffers again (pinned chains)")
     n.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    from alacrity.bench import shootout as so
+    s = sub.add_parser("shootout", help="the matrix ABI x notify mode x workload, side by side",
+                       description="Run every workload on every ABI and notify mode, "
+                                   "interleaved and repeated, next to the physical limits "
+                                   "measured in the same run. Writes DIR/results.json and "
+                                   "DIR/shootout.png.")
+    s.add_argument("--quick", action="store_true",
+                   help="short runs, one round (about 2 minutes); the default takes about 10")
+    s.add_argument("--guest", type=csv, default="process",
+                   help=f"comma-separated, of: {', '.join(so.GUESTS)} (default process)")
+    s.add_argument("--abi", type=csv, default=",".join(so.ABIS),
+                   help=f"comma-separated, of: {', '.join(so.ABIS)} (default all)")
+    s.add_argument("--notify", type=csv, default=",".join(so.NOTIFY),
+                   help=f"comma-separated, of: {', '.join(so.NOTIFY)} (default all)")
+    s.add_argument("--workloads", type=csv, default=",".join(w.name for w in so.WORKLOADS),
+                   help="comma-separated, of: " + ", ".join(w.name for w in so.WORKLOADS)
+                        + " (default all)")
+    s.add_argument("--repeat", type=int, help="interleaved rounds (default 3; 1 with --quick)")
+    s.add_argument("--seconds", type=positive_float,
+                   help="measured seconds per run (default 1.5; 0.4 with --quick)")
+    s.add_argument("--out", default="shootout-out", help="output directory (default shootout-out)")
+    s.add_argument("--json", action="store_true", help="print the results object on stdout")
+    s.add_argument("--low-latency", action="store_true",
+                   help="hold /dev/cpu_dma_latency at 0 during the run, where writable")
+
     r = sub.add_parser("run", help="boot a guest with devices and run its self-test",
                        description="Boot a guest with the given devices. Each driver "
                                    "initialises its device and moves data (block data is read "
@@ -127,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_net(args)
         if args.command == "run":
             return run_guest(args)
+        if args.command == "shootout":
+            return shootout(args)
     except ConfigError as e:
         sys.stderr.write(f"alacrity: error: {e}\n")
         return EXIT_USAGE
@@ -197,6 +229,42 @@ def run_guest(args: Any) -> int:
             t.add_row(d["device"], d.get("kind", "?"), str(d.get("ok", "")), details)
         Console().print(t)
     return 0 if all(d.get("ok") for d in result["devices"]) else 1
+
+
+def shootout(args: Any) -> int:
+    from rich.console import Console
+    from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from alacrity.bench import shootout as so
+    from alacrity.bench.plot import plot
+    from alacrity.bench.report import shootout_table
+
+    kw = dict(abis=args.abi, notify=args.notify, guests=args.guest, workloads=args.workloads,
+              repeat=args.repeat, seconds=args.seconds, out=args.out,
+              low_latency=args.low_latency)
+    cfg = (so.Shootout.quick_config(**kw) if args.quick
+           else so.Shootout(**{k: v for k, v in kw.items() if v is not None}))
+    cfg.validate()
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  transient=True) as p:
+        task = p.add_task("shootout", total=1.0)
+        results = so.run(cfg, lambda d, f: p.update(task, description=d, completed=f))
+    png = plot(results, os.path.join(cfg.out, "shootout.png"))
+    if args.json:
+        json.dump(results, sys.stdout, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        Console().print(shootout_table(results))
+        Console().print(f"results: {os.path.join(cfg.out, 'results.json')}, plot: {png}")
+    if results["interrupted"]:
+        sys.stderr.write("alacrity: shootout interrupted; partial results written\n")
+        return 130
+    failed = [c for c in results["cells"] if c["status"] == "failed"]
+    return 1 if failed else 0
 
 
 def bench_net(args: Any) -> int:

@@ -54,3 +54,67 @@ def progress(description: str, enabled: bool = True) -> Iterator[Callable[[float
                   TimeRemainingColumn(), console=console, transient=True) as p:
         task = p.add_task(description, total=1.0)
         yield lambda f: p.update(task, completed=f)
+
+
+def _cell_text(c: dict[str, Any]) -> str:
+    if c["status"] == "failed":
+        return f"[red]failed[/]: {c['errors'][-1][:60]}"
+    if c["status"] != "ok":
+        return "[dim]not run[/]"
+    m = c["metrics"]
+    key = c["key_metric"]
+    s = m[key]
+    if key == "lat_p50_us":
+        head = f"{s['median']:.1f} µs ({s['min']:.1f}–{s['max']:.1f})"
+    elif key == "bytes_per_s":
+        head = f"{s['median'] / 1e9:.2f} GB/s ({s['min'] / 1e9:.2f}–{s['max'] / 1e9:.2f})"
+    else:
+        head = f"{s['median'] / 1e3:.0f}k ({s['min'] / 1e3:.0f}–{s['max'] / 1e3:.0f}k)"
+    notif = m["doorbells_per_op"]["median"] + m["interrupts_per_op"]["median"]
+    tail = f"n/op {notif:.3f}"
+    if m["exits_per_op"]["median"]:
+        tail += f" x/op {m['exits_per_op']['median']:.3f}"
+    return f"{head}\n[dim]{tail}[/]"
+
+
+def _limit_text(cells: list[dict[str, Any]]) -> str:
+    ok = [c for c in cells if c["status"] == "ok"]
+    if not ok:
+        return ""
+    lim = ok[0]["limit"]
+    key = ok[0]["key_metric"]
+    if key == "lat_p50_us" and "lat_p50_us" in lim:
+        return f"{lim['lat_p50_us']:.1f} µs"
+    if key == "bytes_per_s":
+        return f"{lim['bytes_per_s'] / 1e9:.2f} GB/s"
+    if key == "lat_p50_us":
+        return f"{lim['ops_per_s'] / 1e3:.0f}k ops/s"
+    return f"{lim['ops_per_s'] / 1e3:.0f}k"
+
+
+def shootout_table(results: dict[str, Any]) -> Table:
+    cfg = results["config"]
+    title = (f"alacrity shootout: median (min–max) of {cfg['repeat']} interleaved run(s) "
+             f"per cell, {'quick' if cfg['quick'] else 'full'}")
+    t = Table(title=title, show_header=True, header_style="bold", show_lines=True)
+    t.add_column("workload")
+    t.add_column("notify")
+    for a in cfg["abis"]:
+        t.add_column(a, justify="right")
+    t.add_column("limit", justify="right")
+    cells = {(c["workload"], c["notify"], c["abi"], c["guest"]): c for c in results["cells"]}
+    for w in cfg["workloads"]:
+        for n in cfg["notify"]:
+            for g in cfg["guests"]:
+                row = [cells[(w, n, a, g)] for a in cfg["abis"] if (w, n, a, g) in cells]
+                if not row:
+                    continue
+                name = row[0]["title"] + (f" [{g}]" if len(cfg["guests"]) > 1 else "")
+                t.add_row(name, n, *(_cell_text(c) for c in row), _limit_text(row))
+    ll = results["machine"]["low_latency"]
+    m = results["machine"]
+    t.caption = (f"n/op: doorbells + interrupts per op; x/op: exits per op. "
+                 f"{m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
+                 f"low latency: {ll['why']}"
+                 + ("; INTERRUPTED: partial results" if results["interrupted"] else ""))
+    return t
