@@ -184,6 +184,18 @@ class BlockCore:
     def device_id(self) -> bytes:
         return self.serial.ljust(ID_BYTES, b"\0")
 
+    def put_id(self, views: Sequence[memoryview]) -> int:
+        """Scatter the 20-byte device id over `views` (GET_ID); returns the bytes written."""
+        ident = self.device_id()
+        n = 0
+        for v in views:
+            k = min(len(v), ID_BYTES - n)
+            v[:k] = ident[n:n + k]
+            n += k
+            if n == ID_BYTES:
+                break
+        return n
+
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return 0 <= sector and sector * SECTOR + nbytes <= self.backend.capacity
 

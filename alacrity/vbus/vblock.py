@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import struct
 
-from alacrity.devices.block import ID_BYTES, BlockCore, Status
+from alacrity.devices.block import BlockCore, Status
 from alacrity.errors import GuestError
 from alacrity.vbus import abi
 from alacrity.vbus.device import CallError, Shm, VbusDevice
@@ -187,12 +187,7 @@ class Vblock(VbusDevice):
         if rtype == T_FLUSH:
             return int(core.flush())
         if rtype == T_GET_ID:
-            ident = core.device_id()
-            n = 0
-            for v in views:
-                k = min(len(v), ID_BYTES - n)
-                v[:k] = ident[n:n + k]
-                n += k
+            core.put_id(views)
             return S_OK
         return S_UNSUPP
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 
-from alacrity.devices.block import ID_BYTES, SECTOR, BlockCore, Status, _advance
+from alacrity.devices.block import SECTOR, BlockCore, Status, _advance
 from alacrity.virtio import spec
 from alacrity.virtio.device import Handler, VirtioDevice
 from alacrity.virtio.chain import Chain
@@ -166,15 +166,7 @@ class VirtioBlk(VirtioDevice):
             if out:
                 self._bad("GET_ID with device-readable data")
                 return S_IOERR, 0
-            ident = core.device_id()
-            n = 0
-            for v in into:
-                k = min(len(v), ID_BYTES - n)
-                v[:k] = ident[n:n + k]
-                n += k
-                if n == ID_BYTES:
-                    break
-            return S_OK, n
+            return S_OK, core.put_id(into)
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
             return self._ranges(rtype, out, into), 0
         return S_UNSUPP, 0
