@@ -9,16 +9,14 @@ DEVICE_NEEDS_RESET and a config-change interrupt; the host logs one line and goe
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
-from alacrity.bus import IrqLine, QueueStats
+from alacrity.bus import IrqLine
 from alacrity.errors import GuestError
 from alacrity.memory import GuestMemory
 from alacrity.virtio import spec
-from alacrity.virtio.device import Notify, VirtioDevice, VirtQueue
-from alacrity.virtio.packed import PackedQueue
-from alacrity.virtio.split import SplitQueue
+from alacrity.virtio.device import Notify, VirtioDevice
+from alacrity.virtio.host import QueueHost
 
 log = logging.getLogger("alacrity.virtio.mmio")
 
@@ -80,7 +78,7 @@ class _QueueRegs:
         self.ready = False
 
 
-class VirtioMmioDevice:
+class VirtioMmioDevice(QueueHost):
     """The virtio-mmio register window of one device model."""
 
     def __init__(self, model: VirtioDevice, mem: GuestMemory, irq: IrqLine, *,
@@ -88,26 +86,14 @@ class VirtioMmioDevice:
                  offer_event_idx: bool = True, offer_indirect: bool = True,
                  offer_packed: bool = True,
                  budget: int = 8, defer: Callable[[object, Callable[[], bool]], None] | None = None):
-        self.model = model
-        self.mem = mem
+        super().__init__(model, mem, name=name, notify=notify, budget=budget, defer=defer)
         self.irq = irq
-        self.name = name or model.name
-        self.notify_mode = Notify(notify)
         self.offered = (model.device_features() | spec.bit(spec.F_VERSION_1)
                         | (spec.bit(spec.F_EVENT_IDX) if offer_event_idx else 0)
                         | (spec.bit(spec.F_INDIRECT_DESC) if offer_indirect else 0)
                         | (spec.bit(spec.F_RING_PACKED) if offer_packed else 0))
-        self.budget = budget          # chains per pass before other work gets a turn
-        self.defer = defer            # hands unfinished work back to the I/O loop
-        self._pending: set[int] = set()
-        self.polling = False          # an I/O thread is busy-polling our queues
-        self.lock = threading.RLock()
-        self.stats = [QueueStats() for _ in range(model.num_queues)]
         self.config_generation = 0
-        self.errors = 0
-        self.last_error = ""
         model.on_config_change = self._config_changed
-        model.schedule = self._schedule
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------
@@ -120,8 +106,8 @@ class VirtioMmioDevice:
         self.isr = 0
         self.broken = False
         self.qregs = [_QueueRegs() for _ in range(self.model.num_queues)]
-        self.queues: list[VirtQueue | None] = [None] * self.model.num_queues
-        self.active: list[VirtQueue] = []
+        self.queues = [None] * self.model.num_queues
+        self.active = []
 
     def reset(self) -> None:
         """Device reset (status 0, or the host resetting a machine)."""
@@ -135,16 +121,13 @@ class VirtioMmioDevice:
 
     def fail(self, reason: str) -> None:
         """The guest broke the rules: DEVICE_NEEDS_RESET, a config interrupt, one log line."""
-        self.errors += 1
-        self.last_error = reason
-        if self.broken:
-            return
-        self.broken = True
-        self.active = []
-        log.error("%s: guest error: %s; device needs reset", self.name, reason)
-        self.status |= spec.DEVICE_NEEDS_RESET
-        self.isr |= INT_CONFIG
-        self.irq.signal()
+        if self._mark_broken(reason, "device needs reset"):
+            self.status |= spec.DEVICE_NEEDS_RESET
+            self.isr |= INT_CONFIG
+            self.irq.signal()
+
+    def live(self) -> bool:
+        return not self.broken and bool(self.status & spec.DRIVER_OK)
 
     def _config_changed(self) -> None:
         with self.lock:
@@ -283,21 +266,9 @@ class VirtioMmioDevice:
             return
         if q.num > self.model.queue_max:
             raise GuestError(f"queue {qi} size {q.num} exceeds QueueNumMax {self.model.queue_max}")
-        feats = self.driver_features
-        kind = PackedQueue if feats & spec.bit(spec.F_RING_PACKED) else SplitQueue
-        ring = kind(self.mem, q.num, q.desc, q.driver, q.device,
-                    event_idx=bool(feats & spec.bit(spec.F_EVENT_IDX)),
-                    indirect=bool(feats & spec.bit(spec.F_INDIRECT_DESC)))
+        ring = self.make_ring(self.driver_features, q.num, q.desc, q.driver, q.device)
         q.ready = True
-        model = self.model
-        handler = model.handler(qi)
-        vq = VirtQueue(qi, ring, self.stats[qi], self._interrupt,
-                       suppress=self.notify_mode is not Notify.ALWAYS, handler=handler,
-                       after=model.after(qi),
-                       kick=None if handler is not None else (lambda qi=qi: model.kick(qi)),
-                       budget=model.budget(qi) or self.budget, limit=model.limit(qi),
-                       poll_hook=model.poller(qi))
-        self.queues[qi] = vq
+        self.queues[qi] = self.make_queue(qi, ring, self._interrupt)
         if self.status & spec.DRIVER_OK:
             self.active = [v for v in self.queues if v is not None]
 
@@ -375,91 +346,4 @@ class VirtioMmioDevice:
             if self.polling:
                 return  # the poller is looking at this ring anyway
             self._service(vq)
-
-    def _service(self, vq: VirtQueue) -> None:
-        try:
-            more = vq.service()
-            if more and self.defer is None:     # no I/O loop to come back to: finish now
-                while more and not self.broken:
-                    more = vq.service()
-        except GuestError as e:
-            self.fail(f"queue {vq.index}: {e}")
-            return
-        except Exception as e:  # a bug in a device model must not take the host down
-            log.exception("%s: queue %d handler failed", self.name, vq.index)
-            self.fail(f"queue {vq.index}: internal error {e!r}")
-            return
-        if more:
-            self._pending.add(vq.index)
-            self.defer(self, self.run_pending)
-
-    def _schedule(self, fn: Callable[[], bool]) -> None:
-        """The model asks to run fn on the I/O thread (after the current pass)."""
-        if self.defer is None:
-            while self._run_model(fn):
-                pass
-        else:
-            self.defer((self, fn), lambda: self._run_model(fn))
-
-    def _run_model(self, fn: Callable[[], bool]) -> bool:
-        with self.lock:
-            if self.broken or not self.status & spec.DRIVER_OK:
-                return False
-            try:
-                return bool(fn())
-            except GuestError as e:
-                self.fail(str(e))
-            except Exception as e:
-                log.exception("%s: device work failed", self.name)
-                self.fail(f"internal error {e!r}")
-            return False
-
-    def run_pending(self) -> bool:
-        """Another bounded pass over queues that stopped at their budget."""
-        with self.lock:
-            pending, self._pending = self._pending, set()
-            for qi in pending:
-                vq = self.queues[qi] if qi < len(self.queues) else None
-                if vq is not None and not self.broken and vq in self.active:
-                    self._service(vq)
-            return bool(self._pending)
-
-    # -- polling (iothread.Poller) ---------------------------------------------------------
-    def poll_start(self) -> None:
-        with self.lock:
-            self.polling = True
-            for vq in self.active:
-                vq.ring.disable_notify()
-
-    def poll(self) -> bool:
-        active = self.active
-        if not active:
-            return False
-        worked = False
-        with self.lock:
-            for vq in active:
-                try:
-                    if vq.poll():
-                        worked = True
-                except GuestError as e:
-                    self.fail(f"queue {vq.index}: {e}")
-                    return False
-                except Exception as e:
-                    log.exception("%s: queue %d handler failed", self.name, vq.index)
-                    self.fail(f"queue {vq.index}: internal error {e!r}")
-                    return False
-        return worked
-
-    def poll_stop(self) -> bool:
-        pending = False
-        with self.lock:
-            self.polling = False
-            for vq in self.active:
-                if vq.ring.enable_notify():
-                    pending = True
-        return pending
-
-    # -- introspection -------------------------------------------------------------------
-    def queue_stats(self) -> list[dict[str, int]]:
-        return [s.as_dict() for s in self.stats]
 
