@@ -127,6 +127,22 @@ def build_parser() -> Parser:
     s.add_argument("--low-latency", action="store_true",
                    help="hold /dev/cpu_dma_latency at 0 during the run, where writable")
 
+    sv = sub.add_parser("serve", help="serve a device to another process")
+    svsub = sv.add_subparsers(dest="what", required=True, parser_class=Parser)
+    vu = svsub.add_parser("vhost-user", help="a virtio device over a vhost-user socket",
+                          description="Serve a virtio device model to a vhost-user frontend "
+                                      "(QEMU, DPDK virtio-user, alacrity's own) until SIGINT "
+                                      "or SIGTERM. The socket is created with mode 0600.")
+    vu.add_argument("--socket", required=True, help="path of the unix socket to create")
+    vu.add_argument("--device", required=True, choices=("blk", "net"))
+    vu.add_argument("--image", default="null", help="blk: image file, or null (default)")
+    vu.add_argument("--read-only", action="store_true", help="blk: serve the image read-only")
+    vu.add_argument("--backend", default="loopback",
+                    help="net: loopback (default; frames the frontend has no rx buffers "
+                         "for are dropped and counted) or tap:NAME")
+    vu.add_argument("--notify", default="mitigated", choices=blk.NOTIFY)
+    vu.add_argument("--no-packed", action="store_true", help="do not offer packed rings")
+
     r = sub.add_parser("run", help="boot a guest with devices and run its self-test",
                        description="Boot a guest with the given devices. Each driver "
                                    "initialises its device and moves data (block data is read "
@@ -148,7 +164,10 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    level = logging.WARNING
+    if args.verbose:
+        level = logging.DEBUG if os.environ.get("ALACRITY_DEBUG") else logging.INFO
+    logging.basicConfig(level=level,
                         format="alacrity: %(name)s: %(message)s")
     try:
         if args.command == "bench" and args.what == "blk":
@@ -159,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_guest(args)
         if args.command == "shootout":
             return shootout(args)
+        if args.command == "serve" and args.what == "vhost-user":
+            return serve_vhost_user(args)
     except ConfigError as e:
         sys.stderr.write(f"alacrity: error: {e}\n")
         return EXIT_USAGE
@@ -265,6 +286,65 @@ def shootout(args: Any) -> int:
         return 130
     failed = [c for c in results["cells"] if c["status"] == "failed"]
     return 1 if failed else 0
+
+
+def serve_vhost_user(args: Any) -> int:
+    import signal
+    import threading
+
+    from alacrity.devices.block import BlockCore, open_backend
+    from alacrity.devices.net import LoopbackBackend, NetCore, open_backends
+    from alacrity.iothread import IoThread
+    from alacrity.vhost_user.backend import VhostUserDevice, VhostUserServer
+    from alacrity.virtio.blk import VirtioBlk
+    from alacrity.virtio.device import Notify
+    from alacrity.virtio.net import VirtioNet
+
+    notify = Notify(args.notify)
+    io = IoThread(200.0 if notify is Notify.POLL else 0.0).start()
+    resources: list[Any] = []
+    try:
+        if args.device == "blk":
+            if args.image != "null" and not os.path.exists(args.image):
+                raise ConfigError(f"--image {args.image}: no such file")
+            bbe = open_backend(args.image, read_only=args.read_only)
+            resources.append(bbe)
+            model: Any = VirtioBlk(BlockCore(bbe))
+        else:
+            if args.backend == "pair" or not (args.backend == "loopback"
+                                              or args.backend.startswith("tap:")):
+                raise ConfigError(f"--backend {args.backend}: expected loopback or tap:NAME")
+            # served to peers we do not control: a loopback drops what the frontend has no
+            # rx buffers for (as a NIC does) instead of stalling its transmit
+            nbe = LoopbackBackend(lossy=True) if args.backend == "loopback" \
+                else open_backends(args.backend)[0]
+            nbe.start(io)
+            resources.append(nbe)
+            model = VirtioNet(NetCore(nbe))
+        device = VhostUserDevice(model, io, notify=notify, offer_packed=not args.no_packed)
+        try:
+            server = VhostUserServer(args.socket, device, io)
+        except OSError as e:
+            raise ConfigError(f"--socket {args.socket}: {e.strerror or e}") from None
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        sys.stderr.write(f"alacrity: serving {args.device} ({model.name}) on {args.socket}; "
+                         f"SIGINT or SIGTERM stops\n")
+        sys.stderr.flush()
+        while not stop.wait(0.5):
+            pass
+        server.close()
+        counters = {"device": args.device, "socket": args.socket, **server.info(),
+                    "queues": device.queue_stats()}
+        if args.device == "net":
+            counters["net"] = model.core.counters.as_dict()
+        sys.stderr.write(f"alacrity: stopped: {json.dumps(counters)}\n")
+        return 0
+    finally:
+        io.close()
+        for r in resources:
+            r.close()
 
 
 def bench_net(args: Any) -> int:

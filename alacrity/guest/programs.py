@@ -19,9 +19,18 @@ from alacrity.virtio import spec
 
 
 def find_device(machine: Any, device_id: int, index: int = 0) -> MmioTransport:
-    """The index-th virtio-mmio device of a type, probed like a guest kernel would."""
+    """The index-th virtio device of a type, probed like a guest kernel would (virtio-mmio
+    windows, or vhost-user connections whose type the user named)."""
     n = 0
     for d in machine.devices:
+        if d["kind"] == "vhost-user":
+            if d["device_id"] != device_id:
+                continue
+            from alacrity.vhost_user.frontend import VhostUserTransport
+            if n == index:
+                return VhostUserTransport(machine, d)   # type: ignore[return-value]
+            n += 1
+            continue
         if d["kind"] != "virtio-mmio":
             continue
         t = MmioTransport(machine, d)

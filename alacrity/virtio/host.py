@@ -68,11 +68,24 @@ class QueueHost:
         return True
 
     # -- building queues ---------------------------------------------------------------------
-    def make_ring(self, features: int, num: int, desc: int, driver: int, device: int) -> Ring:
-        kind = PackedQueue if features & spec.bit(spec.F_RING_PACKED) else SplitQueue
-        return kind(self.mem, num, desc, driver, device,
-                    event_idx=bool(features & spec.bit(spec.F_EVENT_IDX)),
-                    indirect=bool(features & spec.bit(spec.F_INDIRECT_DESC)))
+    def make_ring(self, features: int, num: int, desc: int, driver: int, device: int,
+                  base: int | None = None) -> Ring:
+        """A device-side ring. `base` is where the device resumes (vhost-user's
+        SET_VRING_BASE): split, the next available index (the used index is read back from
+        the ring); packed, the next slot in bits 0-14 and the wrap counter in bit 15."""
+        event_idx = bool(features & spec.bit(spec.F_EVENT_IDX))
+        indirect = bool(features & spec.bit(spec.F_INDIRECT_DESC))
+        if features & spec.bit(spec.F_RING_PACKED):
+            pos, wrap = (0, 1) if base is None else (base & 0x7FFF, (base >> 15) & 1)
+            return PackedQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
+                               indirect=indirect, next_avail=pos, avail_wrap=wrap,
+                               next_used=pos, used_wrap=wrap)
+        if base is None:
+            return SplitQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
+                              indirect=indirect)
+        return SplitQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
+                          indirect=indirect, last_avail=base,
+                          used_idx=self.mem.read_u16(device + 2))
 
     def make_queue(self, qi: int, ring: Ring, interrupt: Callable[[], None]) -> VirtQueue:
         model = self.model

@@ -114,22 +114,9 @@ class MmioTransport:
         if qmax == 0:
             raise DeviceError(f"{self.name}: queue {qi} does not exist")
         size = min(size, qmax)
-        packed = self.has(spec.F_RING_PACKED)
-        if not packed:
-            size = 1 << (size.bit_length() - 1)   # split rings are a power of two
-        dsz, asz, usz = (packed_sizes if packed else ring_sizes)(size)
-        alloc = self.m.alloc.alloc
-        # each part on its own cache lines: the two sides write different parts
-        desc, avail, used = alloc(dsz, 4096), alloc(asz, 64), alloc(usz, 64)
-        tables: list[int] = []
-        if indirect_max and self.has(spec.F_INDIRECT_DESC):
-            tables = [alloc(16 * indirect_max, 16) for _ in range(size)]
-        else:
-            indirect_max = 0
-        kind = PackedDriverQueue if packed else SplitDriverQueue
-        q = kind(self.m.mem, size, desc, avail, used, event_idx=self.has(spec.F_EVENT_IDX),
-                 indirect_tables=tables, indirect_max=indirect_max)
-        self.w(R.R_QUEUE_NUM, size)
+        q = make_driver_queue(self.m, size, self.features, indirect_max)
+        desc, avail, used = q.addrs
+        self.w(R.R_QUEUE_NUM, q.size)
         for reg, addr in ((R.R_QUEUE_DESC_LOW, desc), (R.R_QUEUE_DRIVER_LOW, avail),
                           (R.R_QUEUE_DEVICE_LOW, used)):
             self.w(reg, addr & 0xFFFFFFFF)
@@ -141,6 +128,7 @@ class MmioTransport:
         self.stats[qi] = QueueStats()
         self._notify_fd[qi] = self.m.doorbell_fd(Space.MMIO, self.base + R.R_QUEUE_NOTIFY, 4, qi)
         return q
+
 
     # -- signals ---------------------------------------------------------------------------
     def notify(self, qi: int) -> None:
@@ -183,3 +171,24 @@ class MmioTransport:
         if isr & R.INT_CONFIG and self.device_status() & spec.DEVICE_NEEDS_RESET:
             raise DeviceError(f"{self.name}: device needs reset")
         return isr
+
+
+def make_driver_queue(m: Any, size: int, features: int,
+                      indirect_max: int = 0) -> SplitDriverQueue | PackedDriverQueue:
+    """Lay out a driver-side ring of `size` (rounded down to a power of two for split) in
+    guest RAM from `m.alloc`, split or packed as `features` say."""
+    packed = bool(features & spec.bit(spec.F_RING_PACKED))
+    if not packed:
+        size = 1 << (size.bit_length() - 1)   # split rings are a power of two
+    dsz, asz, usz = (packed_sizes if packed else ring_sizes)(size)
+    alloc = m.alloc.alloc
+    # each part on its own cache lines: the two sides write different parts
+    desc, avail, used = alloc(dsz, 4096), alloc(asz, 64), alloc(usz, 64)
+    tables: list[int] = []
+    if indirect_max and features & spec.bit(spec.F_INDIRECT_DESC):
+        tables = [alloc(16 * indirect_max, 16) for _ in range(size)]
+    else:
+        indirect_max = 0
+    kind = PackedDriverQueue if packed else SplitDriverQueue
+    return kind(m.mem, size, desc, avail, used, event_idx=bool(features & spec.bit(spec.F_EVENT_IDX)),
+                indirect_tables=tables, indirect_max=indirect_max)
