@@ -63,7 +63,9 @@ def build_parser() -> Parser:
                         description="Block I/O from a guest through a ring to a block device. "
                                     "Write workloads overwrite the image.")
     b.add_argument("--abi", default="virtio-split", choices=blk.ABIS)
-    b.add_argument("--guest", default="process", choices=blk.GUESTS)
+    b.add_argument("--guest", default="process", metavar="process|vhost-user:PATH",
+                   help="process (default): a guest process on our device; vhost-user:PATH: "
+                        "our driver against the vhost-user backend listening on PATH")
     b.add_argument("--rw", default="read", choices=blk.RWS)
     b.add_argument("--bs", type=size, default=4096, help="request size in bytes (default 4096)")
     b.add_argument("--depth", type=int, default=1, help="requests in flight (default 1)")
@@ -85,7 +87,9 @@ def build_parser() -> Parser:
                         description="Ethernet frames from a guest through rings to the net "
                                     "device core and back.")
     n.add_argument("--abi", default="virtio-split", choices=net.ABIS)
-    n.add_argument("--guest", default="process", choices=net.GUESTS)
+    n.add_argument("--guest", default="process", metavar="process|vhost-user:PATH",
+                   help="process (default), or vhost-user:PATH: our driver against the "
+                        "backend on PATH, which must send every frame back (loopback)")
     n.add_argument("--mode", default="stream", choices=net.MODES,
                    help="stream: keep the tx ring full; pingpong: one frame in flight")
     n.add_argument("--size", type=size, default=64, help="frame size in bytes (default 64)")

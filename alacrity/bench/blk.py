@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from alacrity.bench.common import machine_info
+from alacrity.bench.common import VHOST_USER, check_guest, machine_info, run_in_thread
 from alacrity.bench.limits import block_offsets, file_limit, null_limit
 from alacrity.bench.stats import latency_summary_us
 from alacrity.devices.block import SECTOR, BlockCore, open_backend
@@ -30,7 +30,7 @@ from alacrity.vbus.vblock import Vblock
 from alacrity.virtio.device import Notify
 
 ABIS = ("virtio-split", "virtio-packed", "vbus")
-GUESTS = ("process",)
+GUESTS = ("process", "vhost-user:PATH")
 RWS = ("read", "write", "randread", "randwrite")
 NOTIFY = tuple(n.value for n in Notify)
 
@@ -56,8 +56,7 @@ class BlkBench:
     def validate(self) -> None:
         if self.abi not in ABIS:
             raise ConfigError(f"--abi {self.abi}: not available for blk (have: {', '.join(ABIS)})")
-        if self.guest not in GUESTS:
-            raise ConfigError(f"--guest {self.guest}: not available (have: {', '.join(GUESTS)})")
+        check_guest(self.guest, self.abi)
         if self.rw not in RWS:
             raise ConfigError(f"--rw {self.rw}: expected one of {', '.join(RWS)}")
         if self.notify not in NOTIFY:
@@ -92,12 +91,12 @@ class BlkBench:
 def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Run one benchmark; `tick(fraction_done)` is called about ten times a second."""
     cfg.validate()
+    if cfg.guest.startswith(VHOST_USER):
+        return _run_vhost_user(cfg, tick)
     notify = Notify(cfg.notify)
     write = "write" in cfg.rw
     backend = open_backend(cfg.image, read_only=not write, null_size=cfg.null_size)
-    ram = max(32 << 20, cfg.depth * (cfg.bs + 4096) + (16 << 20))
-    ram = (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
-    machine = Machine(ram, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
+    machine = Machine(_ram(cfg), poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
     try:
         if cfg.abi == "vbus":
@@ -120,10 +119,7 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
         guest.on_mark = on_mark
         t0 = time.monotonic()
         total = cfg.warmup + cfg.seconds
-        guest.start("alacrity.bench.blk:guest_main", {
-            "abi": cfg.abi, "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth, "seconds": cfg.seconds,
-            "warmup": cfg.warmup, "notify": cfg.notify, "queue_size": cfg.queue_size,
-            "poll_us": cfg.poll_us})
+        guest.start("alacrity.bench.blk:guest_main", _args(cfg))
         try:
             g = guest.wait(timeout=total + 60,
                            tick=(lambda: tick(min(1.0, (time.monotonic() - t0) / total)))
@@ -139,6 +135,43 @@ def run(cfg: BlkBench, tick: Callable[[float], None] | None = None) -> dict[str,
         limit = null_limit(cfg.rw, cfg.bs, cfg.limit_seconds, cfg.null_size)
     else:
         limit = file_limit(cfg.image, cfg.rw, cfg.bs, cfg.limit_seconds)
+    if tick:
+        tick(1.0)
+    return assemble(cfg, g, marks, limit)
+
+
+def _args(cfg: BlkBench) -> dict[str, Any]:
+    return {"abi": cfg.abi, "rw": cfg.rw, "bs": cfg.bs, "depth": cfg.depth,
+            "seconds": cfg.seconds, "warmup": cfg.warmup, "notify": cfg.notify,
+            "queue_size": cfg.queue_size, "poll_us": cfg.poll_us}
+
+
+def _ram(cfg: BlkBench) -> int:
+    ram = max(32 << 20, cfg.depth * (cfg.bs + 4096) + (16 << 20))
+    return (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
+
+
+def _run_vhost_user(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, Any]:
+    """Our virtio-blk driver, in this process, against somebody's vhost-user backend.
+    Doorbells and interrupts are counted by the frontend (kicks written, call-fd wake-ups);
+    the data is whatever the backend serves (`--image`, if given, names the file it serves,
+    for the limit)."""
+    from alacrity.vhost_user.frontend import VhostUserGuest
+
+    guest = VhostUserGuest(cfg.guest[len(VHOST_USER):], spec.ID_BLOCK, _ram(cfg))
+    marks: dict[str, dict[str, Any]] = {}
+    guest.on_mark = lambda name, data: marks.__setitem__(
+        name, {"queue": guest.signals(), "exits": 0, "io_wakeups": 0, "t": time.perf_counter()})
+    t0 = time.monotonic()
+    total = cfg.warmup + cfg.seconds
+    try:
+        g = run_in_thread(lambda: guest_main(guest, _args(cfg)), total + 60,
+                          (lambda: tick(min(1.0, (time.monotonic() - t0) / total)))
+                          if tick else None)
+    finally:
+        guest.close()
+    limit = (null_limit(cfg.rw, cfg.bs, cfg.limit_seconds, cfg.null_size) if cfg.image == "null"
+             else file_limit(cfg.image, cfg.rw, cfg.bs, cfg.limit_seconds))
     if tick:
         tick(1.0)
     return assemble(cfg, g, marks, limit)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Iterable
+import threading
+import time
+from typing import Any, Callable, Iterable
 
 from alacrity.bus import QueueStats
 
@@ -31,3 +33,49 @@ def sum_stats(stats: Iterable[QueueStats | Iterable[QueueStats]]) -> dict[str, i
             for k in QueueStats.__slots__:
                 setattr(total, k, getattr(total, k) + getattr(q, k))
     return total.as_dict()
+
+
+VHOST_USER = "vhost-user:"
+
+
+def check_guest(guest: str, abi: str) -> None:
+    """`process`, or `vhost-user:PATH` (our drivers against the backend serving PATH)."""
+    from alacrity.errors import ConfigError
+    if guest == "process":
+        return
+    if guest.startswith(VHOST_USER):
+        path = guest[len(VHOST_USER):]
+        if not path:
+            raise ConfigError("--guest vhost-user:PATH: the socket path is missing")
+        if abi == "vbus":
+            raise ConfigError("--guest vhost-user: vhost-user carries virtio only "
+                              "(--abi virtio-split or virtio-packed)")
+        return
+    raise ConfigError(f"--guest {guest}: expected process or vhost-user:PATH")
+
+
+def run_in_thread(fn: Callable[[], dict[str, Any]], timeout: float,
+                  tick: Callable[[], None] | None) -> dict[str, Any]:
+    """Run a guest program in a thread of this process (a vhost-user frontend has no guest
+    process), calling `tick` about ten times a second. A program still running at the
+    deadline is reported, not waited for (its socket timeouts end it)."""
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:          # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    th = threading.Thread(target=body, name="alacrity-frontend", daemon=True)
+    th.start()
+    deadline = time.monotonic() + timeout
+    while th.is_alive():
+        th.join(0.1)
+        if tick:
+            tick()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the guest program did not finish within {timeout:.0f} s")
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

@@ -13,12 +13,14 @@ in one process with no ring; for pingpong, a bare round trip between the same tw
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from alacrity.bench.common import machine_info, sum_stats
+from alacrity.bench.common import (VHOST_USER, check_guest, machine_info, run_in_thread,
+                                    sum_stats)
 from alacrity.bench.limits import (EventfdEcho, ShmEcho, guest_eventfd_rtt, guest_shm_rtt,
                                    net_stream_limit)
 from alacrity.bench.stats import latency_summary_us
@@ -36,7 +38,7 @@ from alacrity.vbus import venet as E
 from alacrity.virtio.device import Notify
 
 ABIS = ("virtio-split", "virtio-packed", "vbus")
-GUESTS = ("process",)
+GUESTS = ("process", "vhost-user:PATH")
 MODES = ("stream", "pingpong")
 BACKENDS = ("loopback", "pair")
 NOTIFY = tuple(n.value for n in Notify)
@@ -60,7 +62,11 @@ class NetBench:
     reuse: bool = True          # drivers offer unchanged buffers again with pinned chains
 
     def validate(self) -> None:
-        for name, value, allowed in (("abi", self.abi, ABIS), ("guest", self.guest, GUESTS),
+        check_guest(self.guest, self.abi)
+        if self.guest.startswith(VHOST_USER) and self.backend != "loopback":
+            raise ConfigError("--guest vhost-user: one device only; its backend must send "
+                              "frames back (--backend loopback)")
+        for name, value, allowed in (("abi", self.abi, ABIS),
                                      ("mode", self.mode, MODES), ("notify", self.notify, NOTIFY),
                                      ("backend", self.backend, BACKENDS)):
             if value not in allowed:
@@ -77,8 +83,84 @@ class NetBench:
             raise ConfigError(f"--host-spin-us {self.host_spin_us}: must be 0 or more")
 
 
+def _limit_marks(io: Any, mem: Any, echo: EventfdEcho, shm: list[ShmEcho],
+                 name: str, data: dict[str, Any]) -> None:
+    """The host side of the guest's limit measurement (`_limit_rtt`)."""
+    if name == "limit-eventfd":
+        echo.start()
+    elif name == "limit-shm":
+        s = ShmEcho(io, mem, int(data["addr"]))
+        s.start()
+        shm.append(s)
+    elif name == "limit-end":
+        echo.stop()
+        for s in shm:
+            s.stop()
+
+
+def _limit(cfg: NetBench, g: dict[str, Any], who: str) -> dict[str, Any]:
+    if cfg.mode == "stream":
+        return net_stream_limit(cfg.size, cfg.limit_seconds)
+    trips = 2 if cfg.backend == "pair" else 1
+    rtt_ns = g["limit_rtt_p50_ns"] * trips
+    return {"ops_per_s": 1e9 / rtt_ns if rtt_ns else 0.0,
+            "bytes_per_s": (1e9 / rtt_ns if rtt_ns else 0.0) * cfg.size,
+            "lat_us": {"p50": round(rtt_ns / 1000, 3)},
+            "what": (f"{trips} x {'shared-memory' if cfg.notify == 'poll' else 'eventfd'} "
+                     f"round trip between {who}")}
+
+
+def _run_vhost_user(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, Any]:
+    """Our virtio-net driver, in this process, against somebody's vhost-user backend that
+    sends frames back. Signals are counted by the frontend; the pingpong limit is a round
+    trip between the driver's thread and an echo process (`bench/echo.py`)."""
+    from alacrity.bench.echo import EchoProcess
+    from alacrity.vhost_user.frontend import VhostUserGuest
+
+    ping = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    pong = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    guest = VhostUserGuest(cfg.guest[len(VHOST_USER):], spec.ID_NET, 32 << 20)
+    guest.extra_fds = [ping, pong]
+    marks: dict[str, dict[str, Any]] = {}
+    echoes: list[EchoProcess] = []
+
+    def on_mark(name: str, data: dict[str, Any]) -> None:
+        if name in ("start", "end"):
+            marks[name] = {"stats": guest.signals(), "exits": 0}
+        elif name == "limit-eventfd":
+            echoes.append(EchoProcess("eventfd", ping, pong, [ping, pong]))
+        elif name == "limit-shm":
+            r = guest.mem.regions[0]
+            fd_offset = int(data["addr"]) - r.gpa + r.fd_offset
+            echoes.append(EchoProcess("shm", r.fd, fd_offset, [r.fd]))
+        elif name == "limit-end":
+            for e in echoes:
+                e.stop()
+
+    guest.on_mark = on_mark
+    t0 = time.monotonic()
+    total = cfg.warmup + cfg.seconds + (cfg.limit_seconds if cfg.mode == "pingpong" else 0.0)
+    args = {**asdict(cfg), "devices": 1}
+    try:
+        g = run_in_thread(lambda: guest_main(guest, args), total + 60,
+                          (lambda: tick(min(1.0, (time.monotonic() - t0) / total)))
+                          if tick else None)
+    finally:
+        for e in echoes:
+            e.stop()
+        guest.close()
+        os.close(ping)
+        os.close(pong)
+    limit = _limit(cfg, g, "the frontend and an echo process")
+    if tick:
+        tick(1.0)
+    return assemble(cfg, g, marks, limit, [])
+
+
 def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str, Any]:
     cfg.validate()
+    if cfg.guest.startswith(VHOST_USER):
+        return _run_vhost_user(cfg, tick)
     notify = Notify(cfg.notify)
     machine = Machine(32 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
@@ -103,16 +185,8 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
         def on_mark(name: str, data: dict[str, Any]) -> None:
             if name in ("start", "end"):
                 marks[name] = {"stats": signals(), "exits": guest.exits}
-            elif name == "limit-eventfd":
-                echo.start()
-            elif name == "limit-shm":
-                s = ShmEcho(machine.io, machine.mem, int(data["addr"]))
-                s.start()
-                shm.append(s)
-            elif name == "limit-end":
-                echo.stop()
-                for s in shm:
-                    s.stop()
+            else:
+                _limit_marks(machine.io, machine.mem, echo, shm, name, data)
 
         guest.on_mark = on_mark
         t0 = time.monotonic()
@@ -137,16 +211,7 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
         machine.close()
         for b in backends:
             b.close()
-    if cfg.mode == "stream":
-        limit = net_stream_limit(cfg.size, cfg.limit_seconds)
-    else:
-        trips = 2 if cfg.backend == "pair" else 1
-        rtt_ns = g["limit_rtt_p50_ns"] * trips
-        limit = {"ops_per_s": 1e9 / rtt_ns if rtt_ns else 0.0,
-                 "bytes_per_s": (1e9 / rtt_ns if rtt_ns else 0.0) * cfg.size,
-                 "lat_us": {"p50": round(rtt_ns / 1000, 3)},
-                 "what": (f"{trips} x {'shared-memory' if notify is Notify.POLL else 'eventfd'} "
-                          f"round trip between the guest and the host process")}
+    limit = _limit(cfg, g, "the guest and the host process")
     if tick:
         tick(1.0)
     return assemble(cfg, g, marks, limit, counters)

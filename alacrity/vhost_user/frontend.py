@@ -16,7 +16,7 @@ from __future__ import annotations
 import array
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from alacrity.bus import QueueStats
 from alacrity.errors import DeviceError
@@ -86,20 +86,33 @@ class VhostUserClient:
 
 
 class VhostUserGuest:
-    """A frontend-side "guest": RAM, an allocator, and the one vhost-user device."""
+    """A frontend-side "guest": RAM, an allocator, and the one vhost-user device. Guest
+    programs run in a thread of this process (there is nothing to exit to: exits stay 0)."""
 
     def __init__(self, path: str, device_id: int, ram: int = 64 << 20, name: str = "vhost-user"):
         self.mem = GuestMemory.create([(0, ram)], name="alacrity-vhost-user-ram")
         self.alloc = Allocator(GUEST_RAM_START, ram)
         self.devices = [{"kind": "vhost-user", "name": name, "path": path, "device_id": device_id}]
         self.exits = 0
-        self.doorbells = 0
-        self.on_mark = lambda name, data: None
+        self.extra_fds: list[int] = []
+        self.transports: list[VhostUserTransport] = []
+        self.on_mark: Callable[[str, dict[str, Any]], None] = lambda name, data: None
 
     def mark(self, name: str, **data: Any) -> None:
         self.on_mark(name, data)
 
+    def signals(self) -> dict[str, int]:
+        """Doorbells (kicks written) and interrupts (call-fd wake-ups), as the frontend
+        counts them: the backend is somebody else's."""
+        return {"doorbells": sum(s.doorbells for t in self.transports for s in t.stats.values()),
+                "doorbells_suppressed": sum(s.doorbells_suppressed for t in self.transports
+                                            for s in t.stats.values()),
+                "interrupts": sum(t.interrupts for t in self.transports)}
+
     def close(self) -> None:
+        for t in self.transports:
+            t.close()
+        self.transports.clear()
         self.mem.close()
 
 
@@ -111,6 +124,8 @@ class VhostUserTransport:
         self.name = f"vhost-user:{device['path']}"
         self.device_id = device["device_id"]
         self.c = VhostUserClient(device["path"])
+        machine.transports.append(self)
+        self.closed = False
         self.features = 0
         self.offered = 0
         self.queues: dict[int, Any] = {}
@@ -123,6 +138,9 @@ class VhostUserTransport:
         self._config: bytes | None = None
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.c.close()
         for fd in self.kick_fds.values():
             os.close(fd)
