@@ -192,13 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_bench(module: Any, cfg: Any, desc: str, as_json: bool) -> int:
     from alacrity.bench.report import bench_table, progress
+    from alacrity.errors import DeviceError
     from alacrity.guest.process import GuestDied
 
     cfg.validate()
     try:
         with progress(desc, enabled=sys.stderr.isatty() or not as_json) as tick:
             result = module.run(cfg, tick)
-    except (GuestDied, RuntimeError) as e:
+    except (GuestDied, RuntimeError, DeviceError, OSError) as e:
         sys.stderr.write(f"alacrity: bench failed: {e}\n")
         return 1
     if as_json:

@@ -65,6 +65,7 @@ class VhostUserDevice(QueueHost):
         self.call_fds: dict[int, int] = {}
         self.err_fds: dict[int, int] = {}
         self.connected = False
+        self.negotiated = 0          # the last SET_FEATURES (kept after a disconnect: counters)
 
     # -- QueueHost --------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
@@ -107,6 +108,7 @@ class VhostUserDevice(QueueHost):
         if isinstance(ev, P.Send):
             return ev.data
         if isinstance(ev, P.SetFeatures):
+            self.negotiated = ev.features
             if not self.model.accept_features(ev.features & ~P.bit(P.F_PROTOCOL_FEATURES)):
                 raise P.ProtocolError(f"the device refused features {ev.features:#x}")
             return None
@@ -324,4 +326,5 @@ class VhostUserServer:
 
     def info(self) -> dict[str, Any]:
         return {"path": self.path, "connections": self.connections,
-                "protocol_errors": self.protocol_errors, "connected": self.conn is not None}
+                "protocol_errors": self.protocol_errors, "connected": self.conn is not None,
+                "last_error": self.last_error, "features": f"{self.device.negotiated:#x}"}

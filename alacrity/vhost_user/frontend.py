@@ -121,9 +121,10 @@ class VhostUserTransport:
 
     def __init__(self, machine: VhostUserGuest, device: dict[str, Any]):
         self.m = machine
-        self.name = f"vhost-user:{device['path']}"
+        self.path = device["path"]
+        self.name = f"vhost-user:{self.path}"
         self.device_id = device["device_id"]
-        self.c = VhostUserClient(device["path"])
+        self.c = VhostUserClient(self.path)
         machine.transports.append(self)
         self.closed = False
         self.features = 0
@@ -150,8 +151,8 @@ class VhostUserTransport:
     # -- initialisation ----------------------------------------------------------------------
     def negotiate(self, wanted: int) -> int:
         c = self.c
-        self.offered = c.get_u64(P.Req.GET_FEATURES)
         c.send(P.Req.SET_OWNER)
+        self.offered = c.get_u64(P.Req.GET_FEATURES)
         if self.offered & P.bit(P.F_PROTOCOL_FEATURES):
             pf = c.get_u64(P.Req.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL
             c.send(P.Req.SET_PROTOCOL_FEATURES, P.U64.pack(pf))
@@ -188,21 +189,32 @@ class VhostUserTransport:
         if self.num_queues and qi >= self.num_queues:
             raise DeviceError(f"{self.name}: queue {qi} does not exist ({self.num_queues})")
         q = make_driver_queue(self.m, size, self.features, indirect_max)
-        desc, avail, used = q.addrs
-        c = self.c
-        packed = self.has(spec.F_RING_PACKED)
-        c.call(P.Req.SET_VRING_NUM, P.VRING_STATE.pack(qi, q.size))
-        c.call(P.Req.SET_VRING_BASE, P.VRING_STATE.pack(qi, 1 << 15 if packed else 0))
-        c.call(P.Req.SET_VRING_ADDR, P.VRING_ADDR.pack(qi, 0, desc, used, avail, 0))
-        c.call(P.Req.SET_VRING_CALL, P.U64.pack(qi), [self.irq_fd])
-        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.kick_fds[qi] = kick
-        c.call(P.Req.SET_VRING_KICK, P.U64.pack(qi), [kick])
-        if self.offered & P.bit(P.F_PROTOCOL_FEATURES):
-            c.call(P.Req.SET_VRING_ENABLE, P.VRING_STATE.pack(qi, 1))
+        self.kick_fds[qi] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._send_ring(qi, q, 1 << 15 if self.has(spec.F_RING_PACKED) else 0)
         self.queues[qi] = q
         self.stats[qi] = QueueStats()
         return q
+
+    def _send_ring(self, qi: int, q: Any, base: int) -> None:
+        desc, avail, used = q.addrs
+        c = self.c
+        c.call(P.Req.SET_VRING_NUM, P.VRING_STATE.pack(qi, q.size))
+        c.call(P.Req.SET_VRING_BASE, P.VRING_STATE.pack(qi, base))
+        c.call(P.Req.SET_VRING_ADDR, P.VRING_ADDR.pack(qi, 0, desc, used, avail, 0))
+        c.call(P.Req.SET_VRING_CALL, P.U64.pack(qi), [self.irq_fd])
+        c.call(P.Req.SET_VRING_KICK, P.U64.pack(qi), [self.kick_fds[qi]])
+        if self.offered & P.bit(P.F_PROTOCOL_FEATURES):
+            c.call(P.Req.SET_VRING_ENABLE, P.VRING_STATE.pack(qi, 1))
+
+    def reconnect(self, bases: dict[int, int]) -> None:
+        """Connect again (the backend restarted, or we went away) and resume every ring
+        where `bases` says (what GET_VRING_BASE returned), as QEMU does on reconnect."""
+        self.c.close()
+        self.c = VhostUserClient(self.path)
+        if self.negotiate(self.features) != self.features:
+            raise DeviceError(f"{self.name}: the backend no longer offers {self.features:#x}")
+        for qi, q in self.queues.items():
+            self._send_ring(qi, q, bases[qi])
 
     def driver_ok(self) -> None:
         """Nothing to say: rings run once kicked and enabled."""

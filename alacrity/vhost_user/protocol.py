@@ -365,9 +365,20 @@ class BackendSession:
             events.append(Ack(msg.request))
         return events
 
+    # requests that configure the device: only its owner may send them
+    OWNED = frozenset({Req.SET_FEATURES, Req.SET_MEM_TABLE, Req.SET_VRING_NUM,
+                       Req.SET_VRING_ADDR, Req.SET_VRING_BASE, Req.GET_VRING_BASE,
+                       Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR,
+                       Req.SET_VRING_ENABLE, Req.SET_CONFIG})
+
     def _dispatch(self, msg: Message) -> list[Event]:
         r = msg.request
         p = msg.payload
+        if r in self.OWNED and not self.owner:
+            raise ProtocolError(f"{msg.name} before SET_OWNER")
+        if r in (Req.SET_LOG_BASE, Req.SET_LOG_FD):
+            raise ProtocolError(f"{msg.name}: dirty logging is not supported (LOG_SHMFD and "
+                                f"VHOST_F_LOG_ALL were not offered)")
         if r != Req.SET_MEM_TABLE and r not in (Req.SET_VRING_KICK, Req.SET_VRING_CALL,
                                                 Req.SET_VRING_ERR):
             self._no_fds(msg)
@@ -415,9 +426,6 @@ class BackendSession:
             return [Send(self.reply(r, U64.pack(self.num_queues)))]
         if r == Req.SET_MEM_TABLE:
             return [self._mem_table(msg)]
-        if r in (Req.SET_LOG_BASE, Req.SET_LOG_FD):
-            raise ProtocolError(f"{msg.name}: dirty logging is not supported (LOG_SHMFD and "
-                                f"VHOST_F_LOG_ALL were not offered)")
         if r == Req.SET_VRING_NUM:
             self._size(msg, VRING_STATE.size)
             index, num = VRING_STATE.unpack(p)
