@@ -344,6 +344,8 @@ def serve_vhost_user(args: Any) -> int:
                     "queues": device.queue_stats()}
         if args.device == "net":
             counters["net"] = model.core.counters.as_dict()
+        else:
+            counters["blk"] = {"flushes": model.core.flushes, "errors": model.core.errors}
         sys.stderr.write(f"alacrity: stopped: {json.dumps(counters)}\n")
         return 0
     finally:

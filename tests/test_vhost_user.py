@@ -397,7 +397,8 @@ def test_reconnect_resumes_from_vring_base(blk_server, packed):
         base = t.stop_queue(0)
         q = t.queues[0]
         if packed:      # the device stopped where the driver is: every request completed
-            assert base == q.next_avail | q.avail_wrap << 15 and base != 1 << 15
+            assert base & 0xFFFF == q.next_avail | q.avail_wrap << 15 and base & 0xFFFF != 1 << 15
+            assert base >> 16 == q.next_used | q.used_wrap << 15
         else:
             assert base == 15
         t.reconnect({0: base})

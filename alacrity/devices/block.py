@@ -172,6 +172,7 @@ class BlockCore:
         self.backend = backend
         self.serial = serial.encode()[:ID_BYTES]
         self.errors = 0
+        self.flushes = 0            # completed: every write acknowledged before is on disk
 
     @property
     def capacity_sectors(self) -> int:
@@ -230,6 +231,7 @@ class BlockCore:
             self.backend.flush()
         except OSError as e:
             return self._io_error("flush", e)
+        self.flushes += 1
         return Status.OK
 
     def discard(self, sector: int, count: int) -> Status:

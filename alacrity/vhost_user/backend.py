@@ -194,8 +194,9 @@ class VhostUserDevice(QueueHost):
             self.queues[qi] = None
             self.active = [q for q in self.queues if q is not None]
             ring = vq.ring
-            if hasattr(ring, "avail_wrap"):
-                return (ring.next_avail & 0x7FFF) | (ring.avail_wrap << 15)
+            if hasattr(ring, "avail_wrap"):      # packed: avail, then used (as QEMU reads it)
+                return (ring.next_avail | ring.avail_wrap << 15
+                        | (ring.next_used | ring.used_wrap << 15) << 16)
             return ring.last_avail
 
     def _call(self, qi: int) -> None:

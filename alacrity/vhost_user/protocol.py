@@ -453,7 +453,8 @@ class BackendSession:
             ring = self._ring(msg, index)
             if ring.started:
                 raise ProtocolError(f"SET_VRING_BASE on ring {index} while it runs")
-            if base > 0xFFFF:
+            packed = bool(self.features & bit(34))          # VIRTIO_F_RING_PACKED
+            if base > (0xFFFFFFFF if packed else 0xFFFF):
                 raise ProtocolError(f"SET_VRING_BASE: ring {index} base {base:#x}")
             ring.base = base
             return []
@@ -491,7 +492,9 @@ class BackendSession:
             ring = self._ring(msg, index)
             if on not in (0, 1):
                 raise ProtocolError(f"SET_VRING_ENABLE: ring {index} with {on}")
-            if not self.features & bit(F_PROTOCOL_FEATURES):
+            # QEMU disables rings before it sets features; refused only once features
+            # were agreed without VHOST_USER_F_PROTOCOL_FEATURES
+            if self.features_set and not self.features & bit(F_PROTOCOL_FEATURES):
                 raise ProtocolError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
             ring.enabled = bool(on)
             if not on and ring.started:

@@ -72,14 +72,20 @@ class QueueHost:
                   base: int | None = None) -> Ring:
         """A device-side ring. `base` is where the device resumes (vhost-user's
         SET_VRING_BASE): split, the next available index (the used index is read back from
-        the ring); packed, the next slot in bits 0-14 and the wrap counter in bit 15."""
+        the ring); packed, the next slot in bits 0-14 and the wrap counter in bit 15, and
+        (as QEMU sends it) the used position the same way in bits 16-31, which frontends
+        that know only the first half leave zero: then used starts where avail does."""
         event_idx = bool(features & spec.bit(spec.F_EVENT_IDX))
         indirect = bool(features & spec.bit(spec.F_INDIRECT_DESC))
         if features & spec.bit(spec.F_RING_PACKED):
             pos, wrap = (0, 1) if base is None else (base & 0x7FFF, (base >> 15) & 1)
+            used = (base or 0) >> 16 or (pos | wrap << 15)
+            upos, uwrap = used & 0x7FFF, (used >> 15) & 1
+            if pos >= num or upos >= num:
+                raise GuestError(f"packed ring of {num} resumes at {pos}/{upos}")
             return PackedQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
                                indirect=indirect, next_avail=pos, avail_wrap=wrap,
-                               next_used=pos, used_wrap=wrap)
+                               next_used=upos, used_wrap=uwrap)
         if base is None:
             return SplitQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
                               indirect=indirect)
