@@ -15,7 +15,7 @@ from alacrity.guest.drivers.virtio_net import VirtioNetDriver
 from alacrity.guest.programs import find_device
 from alacrity.vhost_user.frontend import VhostUserGuest
 from alacrity.virtio import spec
-from tests.interop import Served, hugepages, need, run_testpmd, stop_testpmd
+from tests.interop.tools import Served, hugepages, need, run_testpmd, stop_testpmd
 
 RING = 256          # testpmd's and our ring size: the most either side can hold back
 

@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from alacrity.virtio import spec
-from tests.interop import Served, need, need_root
-from tests.linux_guest import INIT, initramfs, kernel, qemu_command
+from tests.interop.tools import Served, need, need_root
+from tests.interop.linux_guest import INIT, initramfs, kernel, qemu_command
 from tests.netns import netns, sh
 
 GUEST_IP, NS_IP = "10.79.0.2", "10.79.0.1"

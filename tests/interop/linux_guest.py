@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.interop import missing, need
+from tests.interop.tools import missing, need
 
 CACHE = Path(os.environ.get("ALACRITY_CACHE", Path.home() / ".cache" / "alacrity")) / "linux"
 META = "linux-image-cloud-amd64"

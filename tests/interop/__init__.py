@@ -1,0 +1,1 @@
+"""Interop tests: programs nobody here wrote (DPDK, QEMU, qemu-storage-daemon, Linux)."""
