@@ -325,7 +325,10 @@ def serve_vhost_user(args: Any) -> int:
                 else open_backends(args.backend)[0]
             nbe.start(io)
             resources.append(nbe)
-            model = VirtioNet(NetCore(nbe))
+            # peers such as DPDK keep a whole ring of frames posted: take half a ring per
+            # pass (testpmd txonly: 0.45-0.57 -> 0.59-0.74 Mpps). Our own process guests
+            # keep 32 (their 128 tx slots drain in smaller bites better).
+            model = VirtioNet(NetCore(nbe), tx_budget=128)
         device = VhostUserDevice(model, io, notify=notify, offer_packed=not args.no_packed)
         try:
             server = VhostUserServer(args.socket, device, io)

@@ -60,8 +60,10 @@ class SplitQueue:
         self._avail_event = 2 + 4 * size     # index of avail_event in _used16
         # Lone descriptors walked before, by head: (their 16 raw bytes, the Chain made of
         # them). A driver that offers the same buffer again (rx buffers, a fixed frame) is
-        # served by comparing 16 bytes instead of walking; any change walks and checks anew.
-        self._lone: list[tuple[bytes, Chain] | None] = [None] * size
+        # served by comparing 16 bytes instead of walking; any change walks and checks anew,
+        # and marks the slot False: a driver that writes new buffers every lap (DPDK, Linux)
+        # pays for neither the compare nor the copy again.
+        self._lone: list[tuple[bytes, Chain] | None | bool] = [None] * size
         self.last_avail = last_avail & 0xFFFF  # next available entry to take
         self.used_idx = used_idx & 0xFFFF      # last published used index
         self.next_used = self.used_idx         # where the next used element goes
@@ -99,11 +101,13 @@ class SplitQueue:
             if head >= size:
                 raise GuestError(f"available ring names descriptor {head} (queue size {size})")
             at = head << 4
-            raw = desc[at:at + 16]
             hit = cache[head]
-            if hit is not None and hit[0] == raw:      # the same lone descriptor as before
-                chains.append(hit[1])
-                continue
+            if hit:
+                raw = desc[at:at + 16]
+                if hit[0] == raw:                      # the same lone descriptor as before
+                    chains.append(hit[1])
+                    continue
+                cache[head] = hit = False              # it changes: stop caching this slot
             addr, length, flags, nxt = unpack(desc, at)
             if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
                 off = addr - base
@@ -111,7 +115,8 @@ class SplitQueue:
                     else mem.view(addr, length)
                 c = (Chain(head, [], [v], 0, length) if flags & DESC_F_WRITE
                      else Chain(head, [v], [], length, 0))
-                cache[head] = (bytes(raw), c)
+                if hit is None:
+                    cache[head] = (bytes(desc[at:at + 16]), c)
                 chains.append(c)
                 continue
             table = desc
