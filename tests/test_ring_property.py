@@ -273,3 +273,52 @@ def test_device_survives_any_packed_ring(tmp_path_factory, slots, table, headers
         irq.close()
         del before
         mem.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    descs=st.lists(st.one_of(desc_st, flag_heavy, st.tuples(
+        st.sampled_from([0x4000, 0x5000, 64 * KiB - 20, 128 * KiB + 512, 192 * KiB - 64]),
+        st.sampled_from([0, 11, 12, 13, 60, 64, 1514]), st.just(0), st.just(0))),
+        min_size=SIZE, max_size=SIZE),
+    heads=st.lists(st.integers(0, SIZE + 2), min_size=SIZE, max_size=SIZE),
+    avail_idx=st.integers(0, SIZE + 3),
+    limit=st.integers(1, SIZE + 2),
+)
+def test_split_take_copies_agrees_with_pop(descs, heads, avail_idx, limit):
+    """The copy fast path (net tx) takes exactly the lone readable buffers pop() would hand
+    to the handler, copies exactly their bytes after the header, stops at the first other
+    chain, and fails only where pop() fails too."""
+    from alacrity.errors import GuestError
+    mem = GuestMemory.create([R0, R1])
+    try:
+        for i, (a, n, f, nx) in enumerate(descs):
+            DESC.pack_into(mem.view(RING + 16 * i, 16), 0, a, n & 0xFFFFFFFF, f, nx)
+        avail = RING + 16 * SIZE
+        for i, h in enumerate(heads):
+            mem.write_u16(avail + 4 + 2 * i, h)
+        mem.write_u16(avail + 2, avail_idx)
+        fast = SplitQueue(mem, SIZE, RING, avail, avail + 0x100, indirect=True)
+        slow = SplitQueue(mem, SIZE, RING, avail, avail + 0x100, indirect=True)
+        before = [bytes(r.mv) for r in mem.regions]
+        try:
+            got_heads, copies = fast.take_copies(limit, 12)
+        except GuestError:
+            try:
+                slow.pop(limit)
+            except GuestError:
+                return
+            raise AssertionError("take_copies failed where pop() did not")
+        assert [bytes(r.mv) for r in mem.regions] == before          # it only reads
+        assert fast.last_avail == len(got_heads)
+        chains = slow.pop(len(got_heads)) if got_heads else []
+        assert [c.head for c in chains] == got_heads
+        for c, data in zip(chains, copies):
+            assert len(c.readable) == 1 and not c.writable and c.read_len >= 12
+            assert bytes(c.readable[0])[12:] == data
+        n = min(avail_idx, SIZE, limit) if avail_idx <= SIZE else 0
+        if len(got_heads) < n:                                        # it stopped early:
+            a, ln, f, _ = descs[heads[len(got_heads)]]                # at something else
+            assert f or (ln & 0xFFFFFFFF) < 12
+    finally:
+        mem.close()

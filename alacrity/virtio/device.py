@@ -50,13 +50,14 @@ class VirtQueue:
     """A ready queue: ring + stats + interrupt + the device's handler for its chains."""
 
     __slots__ = ("index", "ring", "stats", "interrupt", "suppress", "handler", "after", "kick",
-                 "budget", "limit", "poll_hook")
+                 "budget", "limit", "poll_hook", "copier")
 
     def __init__(self, index: int, ring: Ring, stats: QueueStats,
                  interrupt: Callable[[], None], suppress: bool, handler: Handler | None,
                  after: Callable[[], None] | None = None, kick: Callable[[], bool] | None = None,
                  budget: int = 8, limit: Callable[[], int] | None = None,
-                 poll_hook: Callable[[], bool] | None = None):
+                 poll_hook: Callable[[], bool] | None = None,
+                 copier: tuple[int, Callable[[list[bytes]], None]] | None = None):
         self.index = index
         self.ring = ring
         self.stats = stats
@@ -68,13 +69,35 @@ class VirtQueue:
         self.budget = budget         # chains per pass before other work gets a turn
         self.limit = limit           # chains the device can take now (backpressure), if any
         self.poll_hook = poll_hook or kick   # a device-driven queue's busy-poll pass
+        # (skip, consume): requests that are one readable buffer are copied out by the ring
+        # (`take_copies`) and handed over as bytes, without Chain objects; others go to the
+        # handler as usual. Only for rings that have the fast path.
+        self.copier = copier if hasattr(ring, "take_copies") else None
 
-    def _run(self, chains: list[Chain]) -> None:
-        handle = self.handler
-        self.ring.push_many(chains, [handle(c) for c in chains])
-        self.complete(len(chains))
+    def _pass(self, budget: int) -> bool:
+        """Take up to `budget` requests, complete them with one publish. True if any."""
+        ring = self.ring
+        n = 0
+        if self.copier is not None:
+            skip, consume = self.copier
+            heads, copies = ring.take_copies(budget, skip)
+            if heads:
+                consume(copies)
+                ring.push_heads(heads)
+                n = len(heads)
+                budget -= n
+        if budget > 0:
+            chains = ring.pop(budget)
+            if chains:
+                handle = self.handler
+                ring.push_many(chains, [handle(c) for c in chains])
+                n += len(chains)
+        if not n:
+            return False
+        self.complete(n)
         if self.after is not None:
             self.after()
+        return True
 
     def complete(self, n: int) -> None:
         """Account for n used elements pushed, publish them (one batch) and interrupt if the
@@ -100,9 +123,7 @@ class VirtQueue:
         budget = self.budget if self.limit is None else min(self.budget, self.limit())
         if budget <= 0:
             return False     # blocked: the device comes back when it can take more
-        chains = ring.pop(budget)
-        if chains:
-            self._run(chains)
+        self._pass(budget)
         if ring.has_work():
             return True
         return self.suppress and ring.enable_notify()
@@ -116,11 +137,7 @@ class VirtQueue:
         if not ring.has_work():
             return False
         budget = self.budget if self.limit is None else min(self.budget, self.limit())
-        chains = ring.pop(budget) if budget > 0 else None
-        if chains:
-            self._run(chains)
-            return True
-        return False
+        return budget > 0 and self._pass(budget)
 
 
 class VirtioDevice:
@@ -172,6 +189,12 @@ class VirtioDevice:
 
     def limit(self, index: int) -> Callable[[], int] | None:
         """How many chains queue `index` may take right now (backpressure), if it can block."""
+        return None
+
+    def copier(self, index: int) -> tuple[int, Callable[[list[bytes]], None]] | None:
+        """For a queue whose requests are each one device-readable buffer the device only
+        copies (net tx): (bytes to skip, a function taking the copies in order). Requests
+        of any other shape still go to handler()."""
         return None
 
     def poller(self, index: int) -> Callable[[], bool] | None:

@@ -101,7 +101,7 @@ class QueueHost:
                          after=model.after(qi),
                          kick=None if handler is not None else (lambda qi=qi: model.kick(qi)),
                          budget=model.budget(qi) or self.budget, limit=model.limit(qi),
-                         poll_hook=model.poller(qi))
+                         poll_hook=model.poller(qi), copier=model.copier(qi))
 
     # -- running -------------------------------------------------------------------------------
     def _service(self, vq: VirtQueue) -> None:
