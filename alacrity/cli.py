@@ -152,7 +152,9 @@ def build_parser() -> Parser:
                                    "initialises its device and moves data (block data is read "
                                    "and written back unchanged). With --ip and a net device the "
                                    "guest is an IPv4 host answering ARP and ping for --seconds.")
-    r.add_argument("--guest", default="process", choices=("process",))
+    r.add_argument("--guest", default="process", choices=("process", "kvm"),
+                   help="process (default): a Python guest process; kvm: a VM on /dev/kvm "
+                        "running the C payload (blk devices, virtio-split, for now)")
     r.add_argument("--abi", default="virtio-split", choices=("virtio-split", "virtio-packed"))
     r.add_argument("--device", action="append", required=True, metavar="SPEC",
                    help="blk:PATH|blk:null, net:loopback|net:pair|net:tap:NAME, "
@@ -223,6 +225,8 @@ def run_guest(args: Any) -> int:
             ipaddress.IPv4Address(args.ip)
         except ValueError:
             raise ConfigError(f"--ip {args.ip}: not an IPv4 address") from None
+    if args.guest == "kvm":
+        return run_kvm(args)
     machine = Machine(64 << 20)
     try:
         info = build(machine, args.device, read_only=args.read_only)
@@ -255,6 +259,51 @@ def run_guest(args: Any) -> int:
             t.add_row(d["device"], d.get("kind", "?"), str(d.get("ok", "")), details)
         Console().print(t)
     return 0 if all(d.get("ok") for d in result["devices"]) else 1
+
+
+def run_kvm(args: Any) -> int:
+    from alacrity.kvm import api
+    from alacrity.kvm.payload.build import BuildError
+    from alacrity.kvm.vm import GuestFailed, run_selftest
+    from alacrity.launch import build
+    from alacrity.machine import Machine
+
+    if args.abi != "virtio-split":
+        raise ConfigError(f"--abi {args.abi}: KVM guests have virtio-split drivers only, "
+                          f"for now")
+    if any(not d.startswith("blk:") for d in args.device):
+        raise ConfigError("--guest kvm: only blk:PATH|null devices have payload drivers, "
+                          "for now")
+    why = api.usable()
+    if why:
+        raise ConfigError(f"--guest kvm: {why}")
+    machine = Machine(64 << 20)
+    try:
+        build(machine, args.device, read_only=args.read_only)
+        try:
+            r, devices = run_selftest(machine, deadline=args.seconds + 60)
+        except (GuestFailed, BuildError) as e:
+            sys.stderr.write(f"alacrity: guest failed: {e}\n")
+            return 1
+    finally:
+        machine.close()
+    sys.stderr.write(r.console)
+    result = {"guest": "kvm", "mode": r.mode, "cpl": r.cpl, "status": r.status,
+              "exits": r.exits, "devices": devices}
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=f"alacrity run: kvm guest ({r.mode}), {args.abi}")
+        for col in ("device", "kind", "ok", "details"):
+            t.add_column(col)
+        for d in devices:
+            t.add_row(d["device"], d["kind"], str(d["ok"]),
+                      f"ops={d['ops']}, errors={d['errors']}")
+        Console().print(t)
+    return 0 if r.status == 0 and all(d["ok"] for d in devices) else 1
 
 
 def shootout(args: Any) -> int:

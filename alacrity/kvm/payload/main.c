@@ -1,0 +1,134 @@
+/* The payload's programs: the self-test (every driver initialises its device and moves
+   data), and test-only programs the VMM's tests use (hostile, spin, fault). */
+#include "rt.h"
+#include "virtio.h"
+
+#define VIRTIO_ID_BLOCK 2
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define F_EVENT_IDX 29
+#define F_RING_PACKED 34
+
+struct blk_req { u32 type, reserved; u64 sector; };
+
+static u64 timeout_cycles(struct mailbox *mb, u64 ms) { return mb->tsc_khz * ms; }
+
+/* one request, polled to completion: returns the status byte, or 0x100 on a timeout */
+static u32 blk_io(struct mailbox *mb, struct split *q, struct blk_req *hdr, u8 *data, u32 len,
+                  u8 *status, u32 type, u64 sector) {
+    hdr->type = type;
+    hdr->reserved = 0;
+    hdr->sector = sector;
+    *status = 0xFF;
+    u64 addr[3] = {(u64)hdr, (u64)data, (u64)status};
+    u32 lens[3] = {16, len, 1};
+    int n = len ? 3 : 2, out = type == BLK_T_IN ? 1 : (len ? 2 : 1);
+    if (!len) { addr[1] = (u64)status; lens[1] = 1; }
+    if (split_add(q, addr, lens, n, out) < 0) return 0x101;
+    split_kick(q);
+    u64 deadline = rdtsc() + timeout_cycles(mb, 5000);
+    u32 written;
+    while (split_get(q, &written) < 0)
+        if (rdtsc() > deadline) return 0x100;
+    return *status;
+}
+
+static u8 pattern(u64 seed, u64 sector, u32 i) { return (u8)(seed * 7 + sector * 31 + i); }
+
+/* pattern: write a pattern the host can recompute over sectors [first, first+count), flush,
+   read it back and compare. Otherwise (the self-test) read, write back unchanged, flush,
+   read again and compare: the image is left as it was. */
+static int blk_check(struct mailbox *mb, struct vdev *d, int slot, int pattern_mode) {
+    struct split q;
+    if (virtio_queue(mb, d, &q, 0, 64) < 0) return -10;
+    virtio_ready(d);
+    struct blk_req *hdr = heap_alloc(mb, 16, 16);
+    u8 *status = heap_alloc(mb, 64, 64);
+    u8 *data = heap_alloc(mb, 4096, 4096);
+    u8 *back = heap_alloc(mb, 4096, 4096);
+    if (!hdr || !status || !data || !back) return -11;
+    u64 seed = mb->args[0], first = mb->args[1], count = mb->args[2];
+    u64 ops = 0, errors = 0;
+    for (u64 s = first; s < first + count; s += 8) {            /* 4 KiB at a time */
+        if (pattern_mode) {
+            for (u32 i = 0; i < 4096; i++) data[i] = pattern(seed, s + i / 512, i % 512);
+        } else {
+            if (blk_io(mb, &q, hdr, data, 4096, status, BLK_T_IN, s)) errors++;
+            ops++;
+        }
+        if (blk_io(mb, &q, hdr, data, 4096, status, BLK_T_OUT, s)) errors++;
+        ops++;
+        if (blk_io(mb, &q, hdr, 0, 0, status, BLK_T_FLUSH, 0)) errors++;
+        ops++;
+        if (blk_io(mb, &q, hdr, back, 4096, status, BLK_T_IN, s)) errors++;
+        ops++;
+        if (memcmp(data, back, 4096)) errors++;
+    }
+    mb->results[2 * slot] = ops;
+    mb->results[2 * slot + 1] = errors;
+    return errors ? -12 : 0;
+}
+
+static int selftest(struct mailbox *mb, int pattern_mode) {
+    int rc = 0;
+    for (u32 i = 0; i < mb->ndevices && i < MAX_DEVICES; i++) {
+        struct vdev d;
+        if (mb->devices[i].kind != DEV_VIRTIO_MMIO) continue;
+        u64 want = (mb->flags & 2) ? 1ul << F_EVENT_IDX : 0;
+        int r = virtio_init(&d, mb->devices[i].base, want);
+        if (r < 0) { puts("virtio init failed\n"); rc = -1; continue; }
+        if (d.device_id == VIRTIO_ID_BLOCK) {
+            r = blk_check(mb, &d, (int)i, pattern_mode);
+            puts(r ? "blk: FAILED\n" : "blk: ok\n");
+            if (r) rc = r;
+        }
+    }
+    return rc;
+}
+
+#ifdef ALACRITY_TEST_PROGRAMS
+/* test-only: break every rule of the ring, then watch the device report it */
+static int hostile(struct mailbox *mb) {
+    struct vdev d;
+    if (virtio_init(&d, mb->devices[0].base, 0) < 0) return -1;
+    struct split q;
+    if (virtio_queue(mb, &d, &q, 0, 8) < 0) return -2;
+    virtio_ready(&d);
+    for (u16 i = 0; i < 8; i++) {                  /* a loop of chains into nowhere */
+        q.desc[i].addr = 0xFFFFFFFFFFFF0000ul - i;
+        q.desc[i].len = 0xFFFFFFFFu;
+        q.desc[i].flags = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
+        q.desc[i].next = (u16)((i + 1) % 8);
+    }
+    for (u16 i = 0; i < 8; i++) q.avail[2 + i] = (u16)(i * 3000);
+    q.avail[1] = 40000;                            /* far more than the queue holds */
+    split_kick(&q);
+    for (u32 off = 0x100; off < 0x200; off += 4) mmio_write32(d.base + off, 0xDEADBEEF);
+    mmio_write32(d.base + 0x030, 9999);            /* QueueSel out of range */
+    mmio_write32(d.base + 0x050, 77);              /* a doorbell for no queue */
+    u64 deadline = rdtsc() + timeout_cycles(mb, 5000);
+    while (!(virtio_status(&d) & 64))
+        if (rdtsc() > deadline) return -3;
+    mb->results[0] = virtio_status(&d);
+    return 0;
+}
+#endif
+
+int main(struct mailbox *mb) {
+    if (mb->magic != MAILBOX_MAGIC) return 0xBAD;
+    mb->cpl = current_cpl();
+    int rc;
+    switch (mb->test) {
+    case TEST_SELFTEST: rc = selftest(mb, 0); break;
+    case TEST_PATTERN: rc = selftest(mb, 1); break;
+#ifdef ALACRITY_TEST_PROGRAMS
+    case TEST_HOSTILE: rc = hostile(mb); break;
+    case TEST_SPIN: for (;;) compiler_barrier();
+    case TEST_FAULT: *(volatile u64 *)0x8000000000000000ul = 1; rc = -1; break;
+#endif
+    default: rc = -100;
+    }
+    mb->status = (u32)rc;
+    return rc;
+}
