@@ -39,9 +39,10 @@ VHOST_USER = "vhost-user:"
 
 
 def check_guest(guest: str, abi: str) -> None:
-    """`process`, or `vhost-user:PATH` (our drivers against the backend serving PATH)."""
+    """`process`, `kvm` (the C payload in a VM), or `vhost-user:PATH` (our drivers against
+    the backend serving PATH)."""
     from alacrity.errors import ConfigError
-    if guest == "process":
+    if guest in ("process", "kvm"):
         return
     if guest.startswith(VHOST_USER):
         path = guest[len(VHOST_USER):]
@@ -51,7 +52,7 @@ def check_guest(guest: str, abi: str) -> None:
             raise ConfigError("--guest vhost-user: vhost-user carries virtio only "
                               "(--abi virtio-split or virtio-packed)")
         return
-    raise ConfigError(f"--guest {guest}: expected process or vhost-user:PATH")
+    raise ConfigError(f"--guest {guest}: expected process, kvm or vhost-user:PATH")
 
 
 def run_in_thread(fn: Callable[[], dict[str, Any]], timeout: float,

@@ -28,3 +28,26 @@ def latency_summary_us(samples_ns: list[int]) -> dict[str, float]:
         "mean": round(sum(s) / len(s) / 1000, 3),
         "max": round(s[-1] / 1000, 3),
     }
+
+
+def histogram_summary_us(counts: list[int], bucket_ns: int) -> dict[str, float]:
+    """The same summary from a histogram of `bucket_ns` buckets (a bucket's midpoint stands
+    for its samples; the last bucket holds everything beyond, reported at its start)."""
+    total = sum(counts)
+    if not total:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "mean": 0.0, "max": 0.0}
+
+    def at(q: float) -> float:
+        want = q / 100 * total
+        seen = 0
+        for i, c in enumerate(counts):
+            seen += c
+            if seen >= want and c:
+                return (i + 0.5) * bucket_ns
+        return len(counts) * bucket_ns
+
+    mean = sum((i + 0.5) * bucket_ns * c for i, c in enumerate(counts)) / total
+    top = max(i for i, c in enumerate(counts) if c)
+    return {"p50": round(at(50) / 1000, 3), "p90": round(at(90) / 1000, 3),
+            "p99": round(at(99) / 1000, 3), "p999": round(at(99.9) / 1000, 3),
+            "mean": round(mean / 1000, 3), "max": round((top + 1) * bucket_ns / 1000, 3)}

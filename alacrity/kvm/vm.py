@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from alacrity.bus import Space
 from alacrity.kvm import api
@@ -34,12 +34,14 @@ log = logging.getLogger("alacrity.kvm")
 GDT, TSS, PML4, MAILBOX = 0x1000, 0x2000, 0x8000, 0xE000
 STACKS, STACK_SIZE = 0x10000, 0x10000
 PAYLOAD, HEAP = 0x100000, 0x400000
-SERIAL, EXIT_PORT = 0x3F8, 0xF4
+SERIAL, EXIT_PORT, MARK_PORT = 0x3F8, 0xF4, 0xF5
+MARKS = {1: "start", 2: "end"}
+HIST, HIST_BUCKETS, HIST_BUCKET_NS = 0x80000, 8192, 100   # payload/bench.h
 MAP_GIB = 4                              # identity map 0..4 GiB (RAM and the MMIO windows)
 MAILBOX_MAGIC = 0x4B414C41
 MAX_DEVICES = 8
 DEV_VIRTIO_MMIO = 1
-TESTS = {"selftest": 1, "hostile": 2, "spin": 3, "fault": 4, "pattern": 5}
+TESTS = {"selftest": 1, "hostile": 2, "spin": 3, "fault": 4, "pattern": 5, "bench-blk": 6}
 
 # struct mailbox of payload/rt.h
 MB_HEAD = struct.Struct("<IIII")
@@ -119,6 +121,7 @@ class KvmVm:
             self.close()
             raise
         self.exits = 0
+        self.on_mark: Callable[[str], None] = lambda name: None   # the payload's MARK_PORT
         self.console = bytearray()
         self._tid: int | None = None
         self._stop_reason = ""
@@ -271,6 +274,8 @@ class KvmVm:
                             elif port == EXIT_PORT:
                                 result["status"] = value - (1 << 32) if value >> 31 else value
                                 return
+                            elif port == MARK_PORT:
+                                self.on_mark(MARKS.get(value, str(value)))
                             else:
                                 call(lambda p=port, s=size, v=value: bus.write(Space.PIO, p, s, v))
                         else:
@@ -301,6 +306,11 @@ class KvmVm:
                                       f" at RIP {self._regs_rip():#x}")
         except BaseException as e:          # handed to boot()
             result["error"] = e
+
+
+def histogram(mem: Any) -> list[int]:
+    """The payload's latency histogram (HIST_BUCKET_NS buckets; the last one is overflow)."""
+    return list(memoryview(mem.read(HIST, 4 * HIST_BUCKETS)).cast("I"))
 
 
 def device_results(r: RunResult, machine: Machine) -> list[dict[str, Any]]:

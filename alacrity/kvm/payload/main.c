@@ -2,6 +2,7 @@
    data), and test-only programs the VMM's tests use (hostile, spin, fault). */
 #include "rt.h"
 #include "virtio.h"
+#include "bench.h"
 
 #define VIRTIO_ID_BLOCK 2
 #define BLK_T_IN 0
@@ -10,7 +11,6 @@
 #define F_EVENT_IDX 29
 #define F_RING_PACKED 34
 
-struct blk_req { u32 type, reserved; u64 sector; };
 
 static u64 timeout_cycles(struct mailbox *mb, u64 ms) { return mb->tsc_khz * ms; }
 
@@ -122,6 +122,13 @@ int main(struct mailbox *mb) {
     switch (mb->test) {
     case TEST_SELFTEST: rc = selftest(mb, 0); break;
     case TEST_PATTERN: rc = selftest(mb, 1); break;
+    case TEST_BENCH_BLK: {
+        struct vdev d;
+        u64 want = mb->args[3] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0;
+        if (virtio_init(&d, mb->devices[0].base, want) < 0) { rc = -1; break; }
+        rc = bench_blk(mb, &d);
+        break;
+    }
 #ifdef ALACRITY_TEST_PROGRAMS
     case TEST_HOSTILE: rc = hostile(mb); break;
     case TEST_SPIN: for (;;) compiler_barrier();

@@ -12,6 +12,7 @@ struct split {
     u16 index;
 };
 struct vdev { u64 base; u32 device_id; u64 features; };
+struct blk_req { u32 type, reserved; u64 sector; };
 
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
