@@ -154,7 +154,7 @@ def build_parser() -> Parser:
                                    "guest is an IPv4 host answering ARP and ping for --seconds.")
     r.add_argument("--guest", default="process", choices=("process", "kvm"),
                    help="process (default): a Python guest process; kvm: a VM on /dev/kvm "
-                        "running the C payload (blk devices, virtio-split, for now)")
+                        "running the C payload (blk devices, for now)")
     r.add_argument("--abi", default="virtio-split", choices=("virtio-split", "virtio-packed"))
     r.add_argument("--device", action="append", required=True, metavar="SPEC",
                    help="blk:PATH|blk:null, net:loopback|net:pair|net:tap:NAME, "
@@ -268,9 +268,6 @@ def run_kvm(args: Any) -> int:
     from alacrity.launch import build
     from alacrity.machine import Machine
 
-    if args.abi != "virtio-split":
-        raise ConfigError(f"--abi {args.abi}: KVM guests have virtio-split drivers only, "
-                          f"for now")
     if any(not d.startswith("blk:") for d in args.device):
         raise ConfigError("--guest kvm: only blk:PATH|null devices have payload drivers, "
                           "for now")
@@ -281,7 +278,8 @@ def run_kvm(args: Any) -> int:
     try:
         build(machine, args.device, read_only=args.read_only)
         try:
-            r, devices = run_selftest(machine, deadline=args.seconds + 60)
+            r, devices = run_selftest(machine, deadline=args.seconds + 60,
+                                      packed=args.abi == "virtio-packed")
         except (GuestFailed, BuildError) as e:
             sys.stderr.write(f"alacrity: guest failed: {e}\n")
             return 1

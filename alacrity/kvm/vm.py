@@ -165,6 +165,7 @@ class KvmVm:
         mem.write(PAYLOAD, payload)
 
     def _write_mailbox(self, test: str, args: list[int], flags: int) -> None:
+        """flags: bit 0 packed rings, bit 1 EVENT_IDX (payload/rt.h)."""
         mem = self.machine.mem
         devs = [s for s in self.machine.slots if s.kind == "virtio-mmio"][:MAX_DEVICES]
         heap_size = mem.regions[0].size - HEAP
@@ -327,8 +328,10 @@ def device_results(r: RunResult, machine: Machine) -> list[dict[str, Any]]:
 
 
 def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
-                 test: str = "selftest", seed: int = 0) -> tuple[RunResult, list[dict[str, Any]]]:
-    """Boot the payload on `machine` and run its self-test (or the `pattern` data check)."""
+                 test: str = "selftest", seed: int = 0,
+                 packed: bool = False) -> tuple[RunResult, list[dict[str, Any]]]:
+    """Boot the payload on `machine` and run its self-test (or the `pattern` data check),
+    on split rings or, with `packed`, packed ones (EVENT_IDX negotiated either way)."""
     from alacrity.kvm.payload.build import build
 
     supported = {"virtio-blk"}
@@ -339,7 +342,8 @@ def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
                                       f"(have: {', '.join(sorted(supported))})")
     vm = KvmVm(machine)
     try:
-        r = vm.boot(build(), test, [seed, 0, sectors], flags=2, deadline=deadline)
+        r = vm.boot(build(), test, [seed, 0, sectors], flags=2 | int(packed),
+                    deadline=deadline)
     finally:
         vm.close()
     return r, device_results(r, machine)

@@ -58,10 +58,12 @@ def test_payload_build_is_cached():
     assert build(test_programs=True) != a
 
 
-def test_pattern_written_by_the_guest_is_on_disk(blk_machine):
+@pytest.mark.parametrize("packed", [False, True], ids=["virtio-split", "virtio-packed"])
+def test_pattern_written_by_the_guest_is_on_disk(blk_machine, packed):
     m, dev, img = blk_machine
-    r, devices = run_selftest(m, test="pattern", seed=9, sectors=256)
+    r, devices = run_selftest(m, test="pattern", seed=9, sectors=256, packed=packed)
     assert r.status == 0, r.console
+    assert bool(dev.model.features & spec.bit(spec.F_RING_PACKED)) == packed
     assert devices[0]["ok"] and devices[0]["ops"] == 3 * 32 and devices[0]["errors"] == 0
     data = img.read_bytes()
     for sector in range(256):
@@ -174,12 +176,14 @@ def test_alacrity_run_guest_kvm(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("abi", ["virtio-split", "virtio-packed"])
 @pytest.mark.parametrize("notify,depth", [("always", 1), ("mitigated", 8), ("poll", 1)])
-def test_bench_blk_guest_kvm(notify, depth, tmp_path):
+def test_bench_blk_guest_kvm(notify, depth, abi, tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(4 << 20))
     p = subprocess.run([sys.executable, "-m", "alacrity", "bench", "blk", "--guest", "kvm",
-                        "--notify", notify, "--depth", str(depth), "--seconds", "0.5",
+                        "--abi", abi, "--notify", notify, "--depth", str(depth),
+                        "--seconds", "0.5",
                         "--warmup", "0.2", "--image", str(img), "--rw", "write", "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

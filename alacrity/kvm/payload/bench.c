@@ -6,6 +6,7 @@
 #include "rt.h"
 #include "virtio.h"
 #include "bench.h"
+#include "ring.h"
 
 static void mark(u32 what) { outl(MARK_PORT, what); }
 
@@ -16,34 +17,19 @@ static void record(struct mailbox *mb, u64 cycles) {
     HIST[b]++;
 }
 
-/* kick unless the device said it does not need it (EVENT_IDX, or the NO_NOTIFY flag) */
-static int kick_needed(struct split *q, u16 old, int event_idx, int always) {
-    if (always) return 1;
-    barrier();                                      /* the new avail idx before we look */
-    volatile u16 *used16 = (volatile u16 *)q->used;
-    if (event_idx) {
-        u16 ev = used16[2 + 4 * q->size];
-        return (u16)(q->avail_idx - ev - 1) < (u16)(q->avail_idx - old);
-    }
-    return !(used16[0] & 1);
-}
-
 int bench_blk(struct mailbox *mb, struct vdev *d) {
     u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2], notify = mb->args[3];
     u64 warmup = mb->args[4] * mb->tsc_khz, seconds = mb->args[5] * mb->tsc_khz; /* ms */
     u64 qsize = mb->args[6], sectors = mb->args[7];
-    int event_idx = (d->features >> 29) & 1, always = notify == NOTIFY_ALWAYS;
-    struct split q;
+    int always = notify == NOTIFY_ALWAYS;
+    struct ring q;
     if (depth < 1 || depth > 256 || bs > 65536 || !sectors) return -20;
-    if (virtio_queue(mb, d, &q, 0, (u16)qsize) < 0) return -21;
+    if (ring_setup(mb, d, &q, 0, (u16)qsize) < 0) return -21;
     if (3 * depth > q.size) return -22;
     virtio_ready(d);
     /* we poll: ask for no interrupts (flag without EVENT_IDX; used_event far ahead with
        it), except in `always`, where nothing is suppressed on either side */
-    if (!always) {
-        q.avail[0] = 1;
-        q.avail[2 + q.size] = 0x8000;
-    }
+    if (!always) ring_no_interrupts(&q);
     struct blk_req *hdr = heap_alloc(mb, 16 * depth, 64);
     u8 *status = heap_alloc(mb, 64 * depth, 64);
     u8 *data = heap_alloc(mb, bs * depth, 4096);
@@ -62,17 +48,16 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
         status[64 * s] = 0xFF;
         u64 addr[3] = {(u64)h, (u64)data + bs * s, (u64)&status[64 * s]};
         u32 lens[3] = {16, (u32)bs, 1};
-        int head = split_add(&q, addr, lens, 3, write ? 2 : 1);
+        int head = ring_add(&q, addr, lens, 3, write ? 2 : 1);
         token[head] = s;
         t_sub[s] = now;
         inflight++;
     }
-    u16 old = 0;
-    if (kick_needed(&q, old, event_idx, always)) { split_kick(&q); kicks++; } else suppressed++;
-    old = q.avail_idx;
+    if (ring_kick(&q, always)) kicks++; else suppressed++;
+    int added = 0;
     for (;;) {
         u32 written;
-        int head = split_get(&q, &written);
+        int head = ring_get(&q, &written);
         if (head < 0) {
             if (head == -2) return -24;
             if (stopping && !inflight) break;
@@ -81,7 +66,6 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
             continue;
         }
         /* take everything that is there before kicking once */
-        int got = 0;
         now = rdtsc();
         do {
             u64 s = token[head];
@@ -95,18 +79,17 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
                 status[64 * s] = 0xFF;
                 u64 addr[3] = {(u64)h, (u64)data + bs * s, (u64)&status[64 * s]};
                 u32 lens[3] = {16, (u32)bs, 1};
-                int nh = split_add(&q, addr, lens, 3, write ? 2 : 1);
+                int nh = ring_add(&q, addr, lens, 3, write ? 2 : 1);
                 if (nh < 0) return -25;
                 token[nh] = s;
+                added++;
                 t_sub[s] = now;
                 inflight++;
             }
-            got++;
-        } while ((head = split_get(&q, &written)) >= 0);
-        if (q.avail_idx != old) {
-            if (kick_needed(&q, old, event_idx, always)) { split_kick(&q); kicks++; }
-            else suppressed++;
-            old = q.avail_idx;
+        } while ((head = ring_get(&q, &written)) >= 0);
+        if (added) {
+            if (ring_kick(&q, always)) kicks++; else suppressed++;
+            added = 0;
         }
     window:
         if (!measuring && !stopping && now >= t_start) {

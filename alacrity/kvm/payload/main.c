@@ -3,6 +3,7 @@
 #include "rt.h"
 #include "virtio.h"
 #include "bench.h"
+#include "ring.h"
 
 #define VIRTIO_ID_BLOCK 2
 #define BLK_T_IN 0
@@ -15,7 +16,7 @@
 static u64 timeout_cycles(struct mailbox *mb, u64 ms) { return mb->tsc_khz * ms; }
 
 /* one request, polled to completion: returns the status byte, or 0x100 on a timeout */
-static u32 blk_io(struct mailbox *mb, struct split *q, struct blk_req *hdr, u8 *data, u32 len,
+static u32 blk_io(struct mailbox *mb, struct ring *q, struct blk_req *hdr, u8 *data, u32 len,
                   u8 *status, u32 type, u64 sector) {
     hdr->type = type;
     hdr->reserved = 0;
@@ -25,12 +26,13 @@ static u32 blk_io(struct mailbox *mb, struct split *q, struct blk_req *hdr, u8 *
     u32 lens[3] = {16, len, 1};
     int n = len ? 3 : 2, out = type == BLK_T_IN ? 1 : (len ? 2 : 1);
     if (!len) { addr[1] = (u64)status; lens[1] = 1; }
-    if (split_add(q, addr, lens, n, out) < 0) return 0x101;
-    split_kick(q);
+    if (ring_add(q, addr, lens, n, out) < 0) return 0x101;
+    ring_kick(q, 0);
     u64 deadline = rdtsc() + timeout_cycles(mb, 5000);
     u32 written;
-    while (split_get(q, &written) < 0)
-        if (rdtsc() > deadline) return 0x100;
+    int id;
+    while ((id = ring_get(q, &written)) < 0)
+        if (id == -2 || rdtsc() > deadline) return 0x100;
     return *status;
 }
 
@@ -40,9 +42,10 @@ static u8 pattern(u64 seed, u64 sector, u32 i) { return (u8)(seed * 7 + sector *
    read it back and compare. Otherwise (the self-test) read, write back unchanged, flush,
    read again and compare: the image is left as it was. */
 static int blk_check(struct mailbox *mb, struct vdev *d, int slot, int pattern_mode) {
-    struct split q;
-    if (virtio_queue(mb, d, &q, 0, 64) < 0) return -10;
+    struct ring q;
+    if (ring_setup(mb, d, &q, 0, 64) < 0) return -10;
     virtio_ready(d);
+    ring_no_interrupts(&q);
     struct blk_req *hdr = heap_alloc(mb, 16, 16);
     u8 *status = heap_alloc(mb, 64, 64);
     u8 *data = heap_alloc(mb, 4096, 4096);
@@ -75,7 +78,8 @@ static int selftest(struct mailbox *mb, int pattern_mode) {
     for (u32 i = 0; i < mb->ndevices && i < MAX_DEVICES; i++) {
         struct vdev d;
         if (mb->devices[i].kind != DEV_VIRTIO_MMIO) continue;
-        u64 want = (mb->flags & 2) ? 1ul << F_EVENT_IDX : 0;
+        u64 want = ((mb->flags & 2) ? 1ul << F_EVENT_IDX : 0)
+                 | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);
         int r = virtio_init(&d, mb->devices[i].base, want);
         if (r < 0) { puts("virtio init failed\n"); rc = -1; continue; }
         if (d.device_id == VIRTIO_ID_BLOCK) {
@@ -124,8 +128,10 @@ int main(struct mailbox *mb) {
     case TEST_PATTERN: rc = selftest(mb, 1); break;
     case TEST_BENCH_BLK: {
         struct vdev d;
-        u64 want = mb->args[3] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0;
+        u64 want = (mb->args[3] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0)
+                 | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);
         if (virtio_init(&d, mb->devices[0].base, want) < 0) { rc = -1; break; }
+        if (((d.features >> F_RING_PACKED) & 1) != (mb->flags & 1)) { rc = -2; break; }
         rc = bench_blk(mb, &d);
         break;
     }

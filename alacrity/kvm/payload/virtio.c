@@ -31,11 +31,26 @@ int virtio_init(struct vdev *d, u64 base, u64 want) {
     return 0;
 }
 
-int virtio_queue(struct mailbox *mb, struct vdev *d, struct split *q, u16 index, u16 size) {
+u32 virtio_queue_max(struct vdev *d, u16 index) {
     wr(d, QUEUE_SEL, index);
-    u32 max = rd(d, QUEUE_NUM_MAX);
+    return rd(d, QUEUE_NUM_MAX);
+}
+
+int virtio_set_queue(struct vdev *d, u16 index, u16 size, u64 desc, u64 driver, u64 device) {
+    wr(d, QUEUE_SEL, index);
+    wr(d, QUEUE_NUM, size);
+    wr(d, DESC_LO, (u32)desc); wr(d, DESC_HI, (u32)(desc >> 32));
+    wr(d, DRIVER_LO, (u32)driver); wr(d, DRIVER_HI, (u32)(driver >> 32));
+    wr(d, DEVICE_LO, (u32)device); wr(d, DEVICE_HI, (u32)(device >> 32));
+    wr(d, QUEUE_READY, 1);
+    return 0;
+}
+
+int virtio_queue(struct mailbox *mb, struct vdev *d, struct split *q, u16 index, u16 size) {
+    u32 max = virtio_queue_max(d, index);
     if (!max) return -1;
     if (size > max) size = (u16)max;
+    while (size & (size - 1)) size &= (u16)(size - 1);   /* split rings: a power of two */
     q->size = size;
     q->index = index;
     q->desc = heap_alloc(mb, 16ul * size, 4096);
@@ -45,14 +60,9 @@ int virtio_queue(struct mailbox *mb, struct vdev *d, struct split *q, u16 index,
     for (u16 i = 0; i < size; i++) q->desc[i].next = (u16)(i + 1);
     q->free_head = 0;
     q->num_free = size;
-    q->last_used = q->avail_idx = 0;
+    q->last_used = q->avail_idx = q->kick_old = 0;
     q->notify = d->base + QUEUE_NOTIFY;
-    wr(d, QUEUE_NUM, size);
-    wr(d, DESC_LO, (u32)(u64)q->desc); wr(d, DESC_HI, (u32)((u64)q->desc >> 32));
-    wr(d, DRIVER_LO, (u32)(u64)q->avail); wr(d, DRIVER_HI, (u32)((u64)q->avail >> 32));
-    wr(d, DEVICE_LO, (u32)(u64)q->used); wr(d, DEVICE_HI, (u32)((u64)q->used >> 32));
-    wr(d, QUEUE_READY, 1);
-    return 0;
+    return virtio_set_queue(d, index, size, (u64)q->desc, (u64)q->avail, (u64)q->used);
 }
 
 void virtio_ready(struct vdev *d) { wr(d, STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK); }

@@ -9,7 +9,7 @@ struct split {
     volatile u16 *avail;                    /* flags, idx, ring[size], used_event */
     volatile u32 *used;                     /* flags|idx, then {id, len} pairs */
     u64 notify;                             /* QueueNotify address */
-    u16 index;
+    u16 index, kick_old;
 };
 struct vdev { u64 base; u32 device_id; u64 features; };
 struct blk_req { u32 type, reserved; u64 sector; };
@@ -19,6 +19,8 @@ struct blk_req { u32 type, reserved; u64 sector; };
 
 int virtio_init(struct vdev *d, u64 base, u64 want);
 int virtio_queue(struct mailbox *mb, struct vdev *d, struct split *q, u16 index, u16 size);
+u32 virtio_queue_max(struct vdev *d, u16 index);
+int virtio_set_queue(struct vdev *d, u16 index, u16 size, u64 desc, u64 driver, u64 device);
 void virtio_ready(struct vdev *d);
 u32 virtio_status(struct vdev *d);
 /* a chain of n buffers, the first `out` device-readable; returns the head or -1 */
