@@ -154,7 +154,7 @@ def build_parser() -> Parser:
                                    "guest is an IPv4 host answering ARP and ping for --seconds.")
     r.add_argument("--guest", default="process", choices=("process", "kvm"),
                    help="process (default): a Python guest process; kvm: a VM on /dev/kvm "
-                        "running the C payload (blk devices, for now)")
+                        "running the C payload (blk and net:loopback devices, for now)")
     r.add_argument("--abi", default="virtio-split", choices=("virtio-split", "virtio-packed"))
     r.add_argument("--device", action="append", required=True, metavar="SPEC",
                    help="blk:PATH|blk:null, net:loopback|net:pair|net:tap:NAME, "
@@ -268,9 +268,9 @@ def run_kvm(args: Any) -> int:
     from alacrity.launch import build
     from alacrity.machine import Machine
 
-    if any(not d.startswith("blk:") for d in args.device):
-        raise ConfigError("--guest kvm: only blk:PATH|null devices have payload drivers, "
-                          "for now")
+    if any(not (d.startswith("blk:") or d in ("net:loopback", "net")) for d in args.device):
+        raise ConfigError("--guest kvm: only blk:PATH|null and net:loopback devices have "
+                          "payload drivers, for now")
     why = api.usable()
     if why:
         raise ConfigError(f"--guest kvm: {why}")

@@ -334,7 +334,7 @@ def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
     on split rings or, with `packed`, packed ones (EVENT_IDX negotiated either way)."""
     from alacrity.kvm.payload.build import build
 
-    supported = {"virtio-blk"}
+    supported = {"virtio-blk", "virtio-net"}
     for s in machine.slots:
         name = getattr(getattr(s.device, "model", None), "name", s.kind)
         if name not in supported:

@@ -4,7 +4,9 @@
 #include "virtio.h"
 #include "bench.h"
 #include "ring.h"
+#include "net.h"
 
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
@@ -85,6 +87,12 @@ static int selftest(struct mailbox *mb, int pattern_mode) {
         if (d.device_id == VIRTIO_ID_BLOCK) {
             r = blk_check(mb, &d, (int)i, pattern_mode);
             puts(r ? "blk: FAILED\n" : "blk: ok\n");
+            if (r) rc = r;
+        } else if (d.device_id == VIRTIO_ID_NET) {
+            struct net n;
+            r = net_open(mb, &n, mb->devices[i].base, want, 256);
+            if (!r) r = net_selftest(mb, &n, (int)i);
+            puts(r ? "net: FAILED\n" : "net: ok\n");
             if (r) rc = r;
         }
     }
