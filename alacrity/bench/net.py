@@ -38,7 +38,7 @@ from alacrity.vbus import venet as E
 from alacrity.virtio.device import Notify
 
 ABIS = ("virtio-split", "virtio-packed", "vbus")
-GUESTS = ("process", "vhost-user:PATH")
+GUESTS = ("process", "kvm", "vhost-user:PATH")
 MODES = ("stream", "pingpong")
 BACKENDS = ("loopback", "pair")
 NOTIFY = tuple(n.value for n in Notify)
@@ -157,10 +157,144 @@ def _run_vhost_user(cfg: NetBench, tick: Callable[[float], None] | None) -> dict
     return assemble(cfg, g, marks, limit, [])
 
 
+def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, Any]:
+    """The payload's net loop (kvm/payload/bench.c) in a VM on /dev/kvm, on the same device
+    core and loopback backend as a process guest; for pingpong, the limit is a round trip
+    through one shared cache line with the host's I/O thread, measured by the payload."""
+    import struct as _s
+    import threading
+
+    from alacrity.bench.stats import histogram_summary_us
+    from alacrity.devices.net import LoopbackBackend
+    from alacrity.kvm import api
+    from alacrity.kvm.payload.build import build
+    from alacrity.kvm.vm import (HIST_BUCKET_NS, MB_OFF_RESULTS, GuestFailed, KvmVm,
+                                 histogram, tsc_khz)
+
+    why = api.usable()
+    if why:
+        raise ConfigError(f"--guest kvm: {why}")
+    if cfg.abi == "vbus":
+        raise ConfigError("--guest kvm --abi vbus: the payload has no vbus drivers yet "
+                          "(virtio-split and virtio-packed)")
+    if cfg.backend != "loopback":
+        raise ConfigError("--guest kvm: --backend loopback only, for now")
+    notify = Notify(cfg.notify)
+    machine = Machine(64 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
+                      idle_spin_us=cfg.host_spin_us)
+    backend = LoopbackBackend()
+    try:
+        core = NetCore(backend)
+        dev = machine.add_virtio_mmio(N.VirtioNet(core, queue_max=cfg.queue_size), notify=notify)
+        marks: dict[str, dict[str, Any]] = {}
+        mode = {Notify.ALWAYS: 0, Notify.MITIGATED: 1, Notify.POLL: 2}[notify]
+        args = [int(cfg.mode == "pingpong"), cfg.size, mode, 0, int(cfg.warmup * 1000),
+                int(cfg.seconds * 1000), cfg.queue_size]
+        total = cfg.warmup + cfg.seconds + (cfg.limit_seconds if cfg.mode == "pingpong" else 0)
+        stop = threading.Event()
+        if tick:
+            t0 = time.monotonic()
+
+            def ticker() -> None:
+                while not stop.wait(0.1):
+                    tick(min(1.0, (time.monotonic() - t0) / total))
+            threading.Thread(target=ticker, daemon=True).start()
+        payload = build()
+        vm = KvmVm(machine)
+        vm.on_mark = lambda name: marks.__setitem__(
+            name, {"stats": sum_stats(dev.stats), "exits": vm.exits})
+        try:
+            r = vm.boot(payload, "bench-net", args, flags=int(cfg.abi == "virtio-packed"),
+                        deadline=cfg.warmup + cfg.seconds + 60)
+            hist = histogram(machine.mem)
+        except GuestFailed as e:
+            raise RuntimeError(str(e)) from None
+        finally:
+            vm.close()
+        if r.status != 0:
+            raise RuntimeError(f"the payload's benchmark failed (status {r.status})")
+        if dev.broken:
+            raise RuntimeError(f"device reported a guest error: {dev.last_error}")
+        ops, cycles, errors, kicks, suppressed = _s.unpack_from("<5Q", r.mailbox, MB_OFF_RESULTS)
+        marks["end"]["exits"] -= 1
+        g = {"ops": ops, "elapsed": cycles / (tsc_khz() * 1000), "errors": errors,
+             "lat_us": histogram_summary_us(hist, HIST_BUCKET_NS),
+             "counters": {"doorbells": kicks, "doorbells_suppressed": suppressed,
+                          "mode": r.mode, "cpl": r.cpl}}
+        limit_rtt_ns = 0.0
+        if cfg.mode == "pingpong":
+            limit_rtt_ns = _kvm_limit(machine, payload, cfg, notify)
+        counters = [core.counters.as_dict()]
+    finally:
+        stop.set() if tick else None
+        machine.close()
+        backend.close()
+    if cfg.mode == "stream":
+        limit = net_stream_limit(cfg.size, cfg.limit_seconds)
+    else:
+        limit = {"ops_per_s": 1e9 / limit_rtt_ns if limit_rtt_ns else 0.0,
+                 "bytes_per_s": (1e9 / limit_rtt_ns if limit_rtt_ns else 0.0) * cfg.size,
+                 "lat_us": {"p50": round(limit_rtt_ns / 1000, 3)},
+                 "what": ("shared-memory round trip between the KVM guest and the host's "
+                          "I/O thread" + ("" if notify is Notify.POLL else
+                                          ", the guest ringing an ioeventfd each time"))}
+    if tick:
+        tick(1.0)
+    out = assemble(cfg, g, marks, limit, counters)
+    out["kvm_mode"] = r.mode
+    return out
+
+
+def _kvm_limit(machine: Machine, payload: bytes, cfg: NetBench, notify: Notify) -> float:
+    """p50 ns of the payload's round trip to the host's I/O thread through one cache line:
+    the I/O thread polls it (`poll`), or a doorbell (an ioeventfd) wakes it."""
+    import os as _os
+
+    from alacrity.bench.stats import histogram_summary_us
+    from alacrity.bus import IoEventFd, Space
+    from alacrity.kvm.vm import HIST, HIST_BUCKET_NS, HIST_BUCKETS, KvmVm, histogram
+
+    addr = 0x90000                              # below the payload: a page of the VMM's
+    machine.mem.write(addr, bytes(8))
+    machine.mem.write(HIST, bytes(4 * HIST_BUCKETS))
+    echo = ShmEcho(machine.io, machine.mem, addr)
+    doorbell = 0
+    ev = None
+    if notify is not Notify.POLL:
+        doorbell = 0xD0F0_0000                  # an address nothing else uses
+        fd = _os.eventfd(0, _os.EFD_CLOEXEC | _os.EFD_NONBLOCK)
+
+        def answer(_n: int) -> None:
+            echo.poll()
+        ev = IoEventFd(Space.MMIO, doorbell, 4, None, fd, answer)
+        machine.bus.add_ioeventfd(ev)
+        machine.io.call_sync(lambda: machine.io.add_reader(fd, machine._reader(ev)))
+    vm = KvmVm(machine)
+    if notify is Notify.POLL:
+        # the echo polls on the I/O thread (the mark arrives on the vCPU thread)
+        vm.on_mark = lambda name: machine.io.call_sync(echo.start) if name == "start" else None
+    try:
+        lr = vm.boot(payload, "limit-shm", [addr, int(cfg.limit_seconds * 1000), doorbell],
+                     deadline=cfg.limit_seconds + 30)
+        lhist = histogram(machine.mem)
+    finally:
+        machine.io.call_sync(echo.stop)
+        vm.close()
+        if ev is not None:
+            machine.io.call_sync(lambda: machine.io.remove_reader(ev.fd))
+            machine.bus.remove_ioeventfd(ev)
+            _os.close(ev.fd)
+    if lr.status != 0:
+        raise RuntimeError(f"the payload's limit measurement failed ({lr.status})")
+    return histogram_summary_us(lhist, HIST_BUCKET_NS)["p50"] * 1000
+
+
 def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str, Any]:
     cfg.validate()
     if cfg.guest.startswith(VHOST_USER):
         return _run_vhost_user(cfg, tick)
+    if cfg.guest == "kvm":
+        return _run_kvm(cfg, tick)
     notify = Notify(cfg.notify)
     machine = Machine(32 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)

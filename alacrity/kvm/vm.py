@@ -41,7 +41,8 @@ MAP_GIB = 4                              # identity map 0..4 GiB (RAM and the MM
 MAILBOX_MAGIC = 0x4B414C41
 MAX_DEVICES = 8
 DEV_VIRTIO_MMIO = 1
-TESTS = {"selftest": 1, "hostile": 2, "spin": 3, "fault": 4, "pattern": 5, "bench-blk": 6}
+TESTS = {"selftest": 1, "hostile": 2, "spin": 3, "fault": 4, "pattern": 5, "bench-blk": 6,
+         "bench-net": 7, "limit-shm": 8}
 
 # struct mailbox of payload/rt.h
 MB_HEAD = struct.Struct("<IIII")

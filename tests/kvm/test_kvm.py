@@ -224,3 +224,25 @@ def test_bench_guest_kvm_bad_input():
     p = subprocess.run([sys.executable, "-m", "alacrity", "bench", "blk", "--guest", "kvm",
                         "--abi", "vbus"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("abi", ["virtio-split", "virtio-packed"])
+@pytest.mark.parametrize("mode,notify", [("stream", "mitigated"), ("pingpong", "always"),
+                                         ("pingpong", "poll")])
+def test_bench_net_guest_kvm(mode, notify, abi):
+    p = subprocess.run([sys.executable, "-m", "alacrity", "bench", "net", "--guest", "kvm",
+                        "--abi", abi, "--mode", mode, "--notify", notify, "--seconds", "0.5",
+                        "--warmup", "0.2", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["guest"] == "kvm" and r["mode"] == mode and r["errors"] == 0
+    assert r["ops"] > 100 and r["exits_per_op"] < 0.01
+    core = r["counters"]["cores"][0]
+    assert core["tx_frames"] == core["rx_frames"] >= r["ops"]     # every frame came back
+    assert 0 < r["lat_us"]["p50"] <= r["lat_us"]["p99"]
+    assert r["limit"]["ops_per_s"] > 0
+    if mode == "pingpong" and notify == "always":
+        assert r["doorbells_per_op"] >= 1.9                       # tx and rx kicks
+    if notify == "poll":
+        assert r["doorbells_per_op"] < 0.01 and r["interrupts_per_op"] < 0.01

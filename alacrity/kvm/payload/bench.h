@@ -11,3 +11,6 @@
 #define HIST_BUCKETS 8192
 #define HIST_BUCKET_NS 100
 int bench_blk(struct mailbox *mb, struct vdev *d);
+struct net;
+int bench_net(struct mailbox *mb, struct net *n);
+int limit_shm(struct mailbox *mb);

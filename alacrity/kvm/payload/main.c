@@ -143,6 +143,16 @@ int main(struct mailbox *mb) {
         rc = bench_blk(mb, &d);
         break;
     }
+    case TEST_BENCH_NET: {
+        struct net n;
+        u64 want = (mb->args[2] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0)
+                 | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);
+        rc = net_open(mb, &n, mb->devices[0].base, want, (u16)mb->args[6]);
+        if (!rc && ((n.d.features >> F_RING_PACKED) & 1) != (mb->flags & 1)) rc = -2;
+        if (!rc) rc = bench_net(mb, &n);
+        break;
+    }
+    case TEST_LIMIT_SHM: rc = limit_shm(mb); break;
 #ifdef ALACRITY_TEST_PROGRAMS
     case TEST_HOSTILE: rc = hostile(mb); break;
     case TEST_SPIN: for (;;) compiler_barrier();

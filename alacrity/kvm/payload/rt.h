@@ -9,7 +9,7 @@ typedef unsigned long u64;
 #define MAX_DEVICES 8
 enum { DEV_NONE = 0, DEV_VIRTIO_MMIO = 1 };
 enum { TEST_SELFTEST = 1, TEST_HOSTILE = 2, TEST_SPIN = 3, TEST_FAULT = 4, TEST_PATTERN = 5,
-       TEST_BENCH_BLK = 6 };
+       TEST_BENCH_BLK = 6, TEST_BENCH_NET = 7, TEST_LIMIT_SHM = 8 };
 
 /* shared with alacrity/kvm/vm.py (MAILBOX): keep the two in step */
 struct mailbox {
