@@ -160,7 +160,8 @@ def test_ctrl_c_leaves_no_children_and_no_scratch(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--abi", "virtio-split,vhost"], "--abi"),
     (["--notify", ""], "--notify"),
-    (["--guest", "kvm"], "not available yet"),
+    (["--guest", "xen"], "not available yet"),
+    (["--guest", "kvm", "--abi", "vbus"], "no vbus drivers"),
     (["--workloads", "blk-tape"], "--workloads"),
     (["--repeat", "0"], "--repeat"),
     (["--seconds", "-2"], "--seconds"),

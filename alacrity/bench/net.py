@@ -165,7 +165,6 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
     import threading
 
     from alacrity.bench.stats import histogram_summary_us
-    from alacrity.devices.net import LoopbackBackend
     from alacrity.kvm import api
     from alacrity.kvm.payload.build import build
     from alacrity.kvm.vm import (HIST_BUCKET_NS, MB_OFF_RESULTS, GuestFailed, KvmVm,
@@ -177,15 +176,14 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
     if cfg.abi == "vbus":
         raise ConfigError("--guest kvm --abi vbus: the payload has no vbus drivers yet "
                           "(virtio-split and virtio-packed)")
-    if cfg.backend != "loopback":
-        raise ConfigError("--guest kvm: --backend loopback only, for now")
     notify = Notify(cfg.notify)
     machine = Machine(64 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
-    backend = LoopbackBackend()
+    backends = open_backends(cfg.backend)
     try:
-        core = NetCore(backend)
-        dev = machine.add_virtio_mmio(N.VirtioNet(core, queue_max=cfg.queue_size), notify=notify)
+        cores = [NetCore(b) for b in backends]
+        devs = [machine.add_virtio_mmio(N.VirtioNet(c, queue_max=cfg.queue_size), notify=notify)
+                for c in cores]
         marks: dict[str, dict[str, Any]] = {}
         mode = {Notify.ALWAYS: 0, Notify.MITIGATED: 1, Notify.POLL: 2}[notify]
         args = [int(cfg.mode == "pingpong"), cfg.size, mode, 0, int(cfg.warmup * 1000),
@@ -202,7 +200,7 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
         payload = build()
         vm = KvmVm(machine)
         vm.on_mark = lambda name: marks.__setitem__(
-            name, {"stats": sum_stats(dev.stats), "exits": vm.exits})
+            name, {"stats": sum_stats(d.stats for d in devs), "exits": vm.exits})
         try:
             r = vm.boot(payload, "bench-net", args, flags=int(cfg.abi == "virtio-packed"),
                         deadline=cfg.warmup + cfg.seconds + 60)
@@ -213,8 +211,9 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
             vm.close()
         if r.status != 0:
             raise RuntimeError(f"the payload's benchmark failed (status {r.status})")
-        if dev.broken:
-            raise RuntimeError(f"device reported a guest error: {dev.last_error}")
+        for d in devs:
+            if d.broken:
+                raise RuntimeError(f"{d.name} reported a guest error: {d.last_error}")
         ops, cycles, errors, kicks, suppressed = _s.unpack_from("<5Q", r.mailbox, MB_OFF_RESULTS)
         marks["end"]["exits"] -= 1
         g = {"ops": ops, "elapsed": cycles / (tsc_khz() * 1000), "errors": errors,
@@ -224,18 +223,20 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
         limit_rtt_ns = 0.0
         if cfg.mode == "pingpong":
             limit_rtt_ns = _kvm_limit(machine, payload, cfg, notify)
-        counters = [core.counters.as_dict()]
+            limit_rtt_ns *= 2 if cfg.backend == "pair" else 1     # two round trips per op
+        counters = [c.counters.as_dict() for c in cores]
     finally:
         stop.set() if tick else None
         machine.close()
-        backend.close()
+        for b in backends:
+            b.close()
     if cfg.mode == "stream":
         limit = net_stream_limit(cfg.size, cfg.limit_seconds)
     else:
         limit = {"ops_per_s": 1e9 / limit_rtt_ns if limit_rtt_ns else 0.0,
                  "bytes_per_s": (1e9 / limit_rtt_ns if limit_rtt_ns else 0.0) * cfg.size,
                  "lat_us": {"p50": round(limit_rtt_ns / 1000, 3)},
-                 "what": ("shared-memory round trip between the KVM guest and the host's "
+                 "what": (f"{2 if cfg.backend == 'pair' else 1} x shared-memory round trip between the KVM guest and the host's "
                           "I/O thread" + ("" if notify is Notify.POLL else
                                           ", the guest ringing an ioeventfd each time"))}
     if tick:

@@ -25,10 +25,14 @@ def plot(results: dict[str, Any], path: str) -> str:
     workloads = cfg["workloads"]
     abis = cfg["abis"]
     modes = cfg["notify"]
-    cells = {(c["workload"], c["notify"], c["abi"]): c for c in results["cells"]}
+    guests = cfg.get("guests", ["process"])
+    cells = {(c["workload"], c["notify"], c["abi"], c["guest"]): c for c in results["cells"]}
+    # one bar series per (ABI, guest) that has cells; KVM guests' bars are hatched
+    series = [(a, g) for g in guests for a in abis
+              if any(k[2:] == (a, g) for k in cells)]
     n = max(1, len(workloads))
     fig, axes = plt.subplots(3, n, figsize=(PANEL_W * n, PANEL_H * 3), dpi=DPI, squeeze=False)
-    width = 0.8 / max(1, len(abis))
+    width = 0.8 / max(1, len(series))
     for col, w in enumerate(workloads):
         sample = next((c for c in results["cells"] if c["workload"] == w), None)
         title = sample["title"] if sample else w
@@ -38,11 +42,11 @@ def plot(results: dict[str, Any], path: str) -> str:
                   ("notif", 1.0, "doorbells + interrupts per op"))
         for row, (metric, div, label) in enumerate(panels):
             ax = axes[row][col]
-            for i, abi in enumerate(abis):
+            for i, (abi, guest) in enumerate(series):
                 xs, ys, lo, hi, failed = [], [], [], [], []
                 for j, mode in enumerate(modes):
-                    c = cells.get((w, mode, abi))
-                    x = j + (i - (len(abis) - 1) / 2) * width
+                    c = cells.get((w, mode, abi, guest))
+                    x = j + (i - (len(series) - 1) / 2) * width
                     if not c or c["status"] != "ok":
                         failed.append((x, c["status"] if c else "not-run"))
                         continue
@@ -57,16 +61,18 @@ def plot(results: dict[str, Any], path: str) -> str:
                     ys.append(y)
                     lo.append(max(0.0, y - a))
                     hi.append(max(0.0, b - y))
+                name = abi if len(guests) == 1 else f"{abi} ({guest})"
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=ABI_COLORS.get(abi),
-                       label=abi if col == 0 and row == 0 else None)
+                       hatch="//" if guest == "kvm" else None, edgecolor="white",
+                       label=name if col == 0 and row == 0 else None)
                 for x, status in failed:
                     ax.text(x, 0, status, rotation=90, ha="center", va="bottom", fontsize=7,
                             color="red" if status == "failed" else "gray")
             # the limit, per notify mode (pingpong's differs: eventfd or shared memory)
             for j, mode in enumerate(modes):
-                lim = next((cells[(w, mode, a)]["limit"] for a in abis
-                            if (w, mode, a) in cells and cells[(w, mode, a)]["status"] == "ok"),
-                           None)
+                lim = next((cells[(w, mode, a, g)]["limit"] for a, g in series
+                            if (w, mode, a, g) in cells
+                            and cells[(w, mode, a, g)]["status"] == "ok"), None)
                 if lim is None:
                     continue
                 value = None
@@ -86,13 +92,15 @@ def plot(results: dict[str, Any], path: str) -> str:
             if row == 0:
                 ax.set_title(title, fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels) or 1, fontsize=9)
+    ncol = max(1, min(len(labels), 4 if n > 1 else 2))
+    rows = (len(labels) + ncol - 1) // ncol
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=8)
     m = results["machine"]
     fig.text(0.5, 0.005, f"{m.get('cpu', '')}, {m.get('cores')} cores, Linux {m.get('kernel')}, "
                          f"Python {m.get('python')}; bars: median, whiskers: min-max over "
                          f"{cfg['repeat']} interleaved runs; dashed: the limit measured in the "
                          f"same run", ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.02, 1, 1 - 0.025 * (rows + 1)))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -72,7 +72,7 @@ def _cell_text(c: dict[str, Any]) -> str:
         head = f"{s['median'] / 1e3:.0f}k ({s['min'] / 1e3:.0f}–{s['max'] / 1e3:.0f}k)"
     notif = m["doorbells_per_op"]["median"] + m["interrupts_per_op"]["median"]
     tail = f"n/op {notif:.3f}"
-    if m["exits_per_op"]["median"]:
+    if m["exits_per_op"]["median"] or c["guest"] == "kvm":
         tail += f" x/op {m['exits_per_op']['median']:.3f}"
     return f"{head}\n[dim]{tail}[/]"
 
@@ -99,6 +99,9 @@ def shootout_table(results: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=True, header_style="bold", show_lines=True)
     t.add_column("workload")
     t.add_column("notify")
+    guests = len(cfg["guests"]) > 1
+    if guests:
+        t.add_column("guest")
     for a in cfg["abis"]:
         t.add_column(a, justify="right")
     t.add_column("limit", justify="right")
@@ -106,11 +109,13 @@ def shootout_table(results: dict[str, Any]) -> Table:
     for w in cfg["workloads"]:
         for n in cfg["notify"]:
             for g in cfg["guests"]:
-                row = [cells[(w, n, a, g)] for a in cfg["abis"] if (w, n, a, g) in cells]
-                if not row:
+                row = [cells.get((w, n, a, g)) for a in cfg["abis"]]
+                present = [c for c in row if c is not None]
+                if not present:
                     continue
-                name = row[0]["title"] + (f" [{g}]" if len(cfg["guests"]) > 1 else "")
-                t.add_row(name, n, *(_cell_text(c) for c in row), _limit_text(row))
+                texts = [_cell_text(c) if c is not None else "not yet" for c in row]
+                t.add_row(present[0]["title"], n, *([g] if guests else []), *texts,
+                          _limit_text(present))
     ll = results["machine"]["low_latency"]
     m = results["machine"]
     t.caption = (f"n/op: doorbells + interrupts per op; x/op: exits per op. "

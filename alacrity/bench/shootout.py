@@ -25,7 +25,9 @@ from alacrity.errors import ConfigError
 
 ABIS = ("virtio-split", "virtio-packed", "vbus")
 NOTIFY = ("always", "mitigated", "poll")
-GUESTS = ("process",)
+GUESTS = ("process", "kvm")
+# cells nobody can run yet: the KVM payload has no vbus drivers
+UNSUPPORTED = {("vbus", "kvm")}
 SCRATCH_BYTES = 128 << 20
 RESULTS_VERSION = 1
 
@@ -91,6 +93,13 @@ class Shootout:
         for g in self.guests:
             if g not in GUESTS:
                 raise ConfigError(f"--guest {g}: not available yet (have: {', '.join(GUESTS)})")
+            if g == "kvm":
+                from alacrity.kvm import api
+                why = api.usable()
+                if why:
+                    raise ConfigError(f"--guest kvm: {why}")
+        if not self.cells():
+            raise ConfigError("nothing to run: the KVM payload has no vbus drivers yet")
         if self.repeat < 1:
             raise ConfigError(f"--repeat {self.repeat}: must be at least 1")
 
@@ -98,7 +107,7 @@ class Shootout:
         """(workload, notify, abi, guest) in the order of one round: the ABIs of one
         workload and mode next to each other, so they see the same machine state."""
         return [(w, n, a, g) for w in self.workloads for n in self.notify
-                for g in self.guests for a in self.abis]
+                for g in self.guests for a in self.abis if (a, g) not in UNSUPPORTED]
 
     def runs(self) -> int:
         return self.repeat * len(self.cells())

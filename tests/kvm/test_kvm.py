@@ -246,3 +246,19 @@ def test_bench_net_guest_kvm(mode, notify, abi):
         assert r["doorbells_per_op"] >= 1.9                       # tx and rx kicks
     if notify == "poll":
         assert r["doorbells_per_op"] < 0.01 and r["interrupts_per_op"] < 0.01
+
+
+def test_shootout_with_kvm_guests(tmp_path):
+    out = tmp_path / "so"
+    p = subprocess.run([sys.executable, "-m", "alacrity", "shootout", "--quick", "--guest",
+                        "process,kvm", "--workloads", "blk-null-d32,net-pingpong", "--notify",
+                        "mitigated", "--out", str(out), "--json"], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    kvm = [c for c in r["cells"] if c["guest"] == "kvm"]
+    assert {c["abi"] for c in kvm} == {"virtio-split", "virtio-packed"}   # no vbus yet
+    assert all(c["status"] == "ok" for c in r["cells"])
+    for c in kvm:
+        assert c["metrics"]["exits_per_op"]["median"] < 0.01
+    assert (out / "shootout.png").stat().st_size > 10_000

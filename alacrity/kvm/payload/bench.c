@@ -114,15 +114,44 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
     return 0;
 }
 
-/* `alacrity bench net`: stream keeps the tx ring full and counts frames coming back (the
-   loopback backend); pingpong keeps one frame in flight. Latency: every 16th frame in
-   stream (its sequence number travels in the frame), every frame in pingpong. */
-int bench_net(struct mailbox *mb, struct net *n) {
+/* `alacrity bench net`, on one device with the loopback backend, or two devices joined
+   by the pair backend (frames go out on the first and come in on the second; pingpong
+   sends them back the other way, two round trips per op). stream keeps the tx ring full
+   and counts frames arriving; pingpong keeps one frame in flight. Latency: every 16th
+   frame in stream (its sequence number travels in the frame), every op in pingpong. */
+static int take_all(struct mailbox *mb, struct net *n, u64 size, u64 *received, int measuring,
+                    u64 *ops, u64 *errors, u64 *t_sent, int per_frame, int always,
+                    u64 *kicks, u64 *suppressed) {
+    u8 *f = 0; u32 len = 0; u16 s = 0;
+    int r, got = 0;
+    while ((r = net_recv(n, &f, &len, &s)) != -1) {
+        if (r == -2) return -42;
+        u64 now = rdtsc();
+        if (r < 0 || len != size) (*errors)++;
+        else {
+            u32 seq = *(u32 *)(f + 14);
+            if (seq != (u32)*received) (*errors)++;
+            else if (measuring && per_frame && (seq & 15) == 0)
+                record(mb, now - t_sent[seq & 4095]);
+        }
+        (*received)++;
+        if (measuring && per_frame) (*ops)++;
+        net_repost(n, s);
+        got++;
+    }
+    if (got) { if (ring_kick(&n->rx, always)) (*kicks)++; else (*suppressed)++; }
+    return got;
+}
+
+int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     u64 pingpong = mb->args[0], size = mb->args[1], notify = mb->args[2];
     u64 warmup = mb->args[4] * mb->tsc_khz, seconds = mb->args[5] * mb->tsc_khz;
     int always = notify == NOTIFY_ALWAYS;
     if (size < 60 || size > 1514) return -40;
-    if (!always) { ring_no_interrupts(&n->rx); ring_no_interrupts(&n->tx); }
+    if (!always) {
+        ring_no_interrupts(&a->rx); ring_no_interrupts(&a->tx);
+        ring_no_interrupts(&b->rx); ring_no_interrupts(&b->tx);
+    }
     u8 frame[1514];
     for (u32 i = 0; i < size; i++) frame[i] = (u8)(i * 7);
     memset(frame, 0xFF, 6);
@@ -130,41 +159,41 @@ int bench_net(struct mailbox *mb, struct net *n) {
     u64 *t_sent = heap_alloc(mb, 8 * 4096, 8);
     if (!t_sent) return -41;
     u64 ops = 0, errors = 0, kicks = 0, suppressed = 0, sent = 0, received = 0;
+    u64 back_sent = 0, back_received = 0;
     int measuring = 0, done = 0;
-    u64 now = rdtsc(), t_start = now + warmup, t_end = 0, t0 = 0, t1 = 0;
+    u64 now = rdtsc(), t_start = now + warmup, t_end = 0, t0 = 0, t1 = 0, t_op = 0;
     for (;;) {
-        /* send: as much as the ring takes (stream), or one frame when none is out */
         int added = 0;
-        if (!done && (!pingpong || sent == received)) {
+        if (!done && (!pingpong || (sent == received && back_sent == back_received))) {
             do {
                 *(u32 *)(frame + 14) = (u32)sent;
-                if (net_send(n, frame, (u32)size)) break;
-                if ((sent & 15) == 0 || pingpong) t_sent[sent & 4095] = rdtsc();
+                if (net_send(a, frame, (u32)size)) break;
+                if ((sent & 15) == 0) t_sent[sent & 4095] = rdtsc();
+                if (pingpong) t_op = rdtsc();
                 sent++;
                 added++;
             } while (!pingpong);
         }
-        if (added) { if (ring_kick(&n->tx, always)) kicks++; else suppressed++; }
-        /* receive everything there is */
-        int got = 0;
-        u8 *f = 0; u32 len = 0; u16 s = 0;
-        int r;
-        while ((r = net_recv(n, &f, &len, &s)) != -1) {
-            if (r == -2) return -42;
-            now = rdtsc();
-            if (r < 0 || len != size) errors++;
-            else {
-                u32 seq = *(u32 *)(f + 14);
-                if (seq != (u32)received) errors++;
-                else if (measuring && ((seq & 15) == 0 || pingpong))
-                    record(mb, now - t_sent[seq & 4095]);
+        if (added) { if (ring_kick(&a->tx, always)) kicks++; else suppressed++; }
+        int got = take_all(mb, b, size, &received, measuring, &ops, &errors, t_sent,
+                           !pingpong, always, &kicks, &suppressed);
+        if (got < 0) return got;
+        if (pingpong && got) {
+            if (b == a) {                       /* loopback: the frame is back: one op */
+                if (measuring) { record(mb, rdtsc() - t_op); ops++; }
+            } else {                            /* pair: send it back the other way */
+                *(u32 *)(frame + 14) = (u32)back_sent;
+                if (net_send(b, frame, (u32)size)) return -43;
+                back_sent++;
+                if (ring_kick(&b->tx, always)) kicks++; else suppressed++;
             }
-            received++;
-            if (measuring) ops++;
-            net_repost(n, s);
-            got++;
         }
-        if (got) { if (ring_kick(&n->rx, always)) kicks++; else suppressed++; }
+        if (pingpong && b != a && back_sent != back_received) {
+            int g2 = take_all(mb, a, size, &back_received, 0, &ops, &errors, t_sent, 0,
+                              always, &kicks, &suppressed);
+            if (g2 < 0) return g2;
+            if (g2 && measuring) { record(mb, rdtsc() - t_op); ops++; }
+        }
         now = rdtsc();
         if (!measuring && !done && now >= t_start) {
             mark(MARK_START);
@@ -178,10 +207,14 @@ int bench_net(struct mailbox *mb, struct net *n) {
             measuring = 0;
             done = 1;
         }
-        if (done && received == sent) break;
-        if (done && now > t1 + mb->tsc_khz * 5000) { errors += sent - received; break; }
+        if (done && received == sent && back_received == back_sent) break;
+        if (done && now > t1 + mb->tsc_khz * 5000) {
+            errors += sent - received + back_sent - back_received;
+            break;
+        }
     }
-    net_reclaim(n);
+    net_reclaim(a);
+    if (b != a) net_reclaim(b);
     mb->results[0] = ops;
     mb->results[1] = t1 - t0;
     mb->results[2] = errors;

@@ -12,5 +12,5 @@
 #define HIST_BUCKET_NS 100
 int bench_blk(struct mailbox *mb, struct vdev *d);
 struct net;
-int bench_net(struct mailbox *mb, struct net *n);
+int bench_net(struct mailbox *mb, struct net *a, struct net *b);
 int limit_shm(struct mailbox *mb);
