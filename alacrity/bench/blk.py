@@ -193,9 +193,6 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
     why = api.usable()
     if why:
         raise ConfigError(f"--guest kvm: {why}")
-    if cfg.abi == "vbus":
-        raise ConfigError("--guest kvm --abi vbus: the payload has no vbus drivers yet "
-                          "(virtio-split and virtio-packed)")
     if cfg.rw not in ("read", "write"):
         raise ConfigError(f"--guest kvm --rw {cfg.rw}: sequential read or write only, for now")
     if cfg.bs > 65536 or cfg.depth > 256:
@@ -207,12 +204,17 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
                       poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
     try:
-        dev = machine.add_virtio_mmio(B.VirtioBlk(BlockCore(backend), queue_max=cfg.queue_size),
-                                      notify=notify)
+        if cfg.abi == "vbus":
+            dev = machine.add_vbus_bridge([Vblock(BlockCore(backend))], notify=notify)
+            signals = dev.totals
+        else:
+            dev = machine.add_virtio_mmio(B.VirtioBlk(BlockCore(backend),
+                                                      queue_max=cfg.queue_size), notify=notify)
+            signals = dev.stats[0].as_dict
         vm = KvmVm(machine)
         marks: dict[str, dict[str, Any]] = {}
         vm.on_mark = lambda name: marks.__setitem__(
-            name, {"queue": dev.stats[0].as_dict(), "exits": vm.exits, "io_wakeups": 0})
+            name, {"queue": signals(), "exits": vm.exits, "io_wakeups": 0})
         mode = {Notify.ALWAYS: 0, Notify.MITIGATED: 1, Notify.POLL: 2}[notify]
         args = [cfg.depth, cfg.bs, int(write), mode, int(cfg.warmup * 1000),
                 int(cfg.seconds * 1000), cfg.queue_size, backend.capacity // SECTOR]

@@ -174,7 +174,7 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
     if why:
         raise ConfigError(f"--guest kvm: {why}")
     if cfg.abi == "vbus":
-        raise ConfigError("--guest kvm --abi vbus: the payload has no vbus drivers yet "
+        raise ConfigError("--guest kvm --abi vbus: the payload has no venet driver yet "
                           "(virtio-split and virtio-packed)")
     notify = Notify(cfg.notify)
     machine = Machine(64 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,

@@ -40,7 +40,7 @@ HIST, HIST_BUCKETS, HIST_BUCKET_NS = 0x80000, 8192, 100   # payload/bench.h
 MAP_GIB = 4                              # identity map 0..4 GiB (RAM and the MMIO windows)
 MAILBOX_MAGIC = 0x4B414C41
 MAX_DEVICES = 8
-DEV_VIRTIO_MMIO = 1
+DEV_VIRTIO_MMIO, DEV_VBUS_BRIDGE = 1, 2
 TESTS = {"selftest": 1, "hostile": 2, "spin": 3, "fault": 4, "pattern": 5, "bench-blk": 6,
          "bench-net": 7, "limit-shm": 8}
 
@@ -60,6 +60,11 @@ MB_OFF_MESSAGE = MB_OFF_STATUS + 8
 GDT_ENTRIES = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AFFA000000FFFF,
                0x00CFF2000000FFFF]
 TSS_LIMIT = 104 + 8192                   # header, then one bit per port (0: allowed), then 0xFF
+
+
+def payload_devices(machine: Machine) -> list[Any]:
+    """The machine's devices the payload is told about, in mailbox order."""
+    return [s for s in machine.slots if s.kind in ("virtio-mmio", "vbus-bridge")][:MAX_DEVICES]
 
 
 class GuestFailed(RuntimeError):
@@ -168,13 +173,17 @@ class KvmVm:
     def _write_mailbox(self, test: str, args: list[int], flags: int) -> None:
         """flags: bit 0 packed rings, bit 1 EVENT_IDX (payload/rt.h)."""
         mem = self.machine.mem
-        devs = [s for s in self.machine.slots if s.kind == "virtio-mmio"][:MAX_DEVICES]
+        devs = payload_devices(self.machine)
         heap_size = mem.regions[0].size - HEAP
         mb = bytearray(4096)
         MB_HEAD.pack_into(mb, 0, MAILBOX_MAGIC, TESTS[test], len(devs), flags)
         for i, s in enumerate(devs):
-            MB_DEVICE.pack_into(mb, MB_OFF_DEVICES + MB_DEVICE.size * i, DEV_VIRTIO_MMIO,
-                                s.device.model.device_id, s.base)
+            if s.kind == "vbus-bridge":
+                MB_DEVICE.pack_into(mb, MB_OFF_DEVICES + MB_DEVICE.size * i, DEV_VBUS_BRIDGE,
+                                    s.extra["pio"], s.base)
+            else:
+                MB_DEVICE.pack_into(mb, MB_OFF_DEVICES + MB_DEVICE.size * i, DEV_VIRTIO_MMIO,
+                                    s.device.model.device_id, s.base)
         struct.pack_into("<QQQ", mb, MB_OFF_HEAP, HEAP, heap_size, tsc_khz())
         struct.pack_into("<8Q", mb, MB_OFF_ARGS, *(list(args) + [0] * 8)[:8])
         mem.write(MAILBOX, bytes(mb))
@@ -319,11 +328,11 @@ def device_results(r: RunResult, machine: Machine) -> list[dict[str, Any]]:
     """Per virtio-mmio device: what the payload reported (ops, errors) and the device's
     own view (broken or not)."""
     out = []
-    devs = [s for s in machine.slots if s.kind == "virtio-mmio"][:MAX_DEVICES]
-    for i, s in enumerate(devs):
+    for i, s in enumerate(payload_devices(machine)):
         ops, errors = struct.unpack_from("<QQ", r.mailbox, MB_OFF_RESULTS + 16 * i)
         dev = s.device
-        out.append({"device": s.name, "kind": dev.model.name, "ops": ops, "errors": errors,
+        kind = dev.model.name if s.kind == "virtio-mmio" else "vbus"
+        out.append({"device": s.name, "kind": kind, "ops": ops, "errors": errors,
                     "broken": dev.broken, "ok": bool(ops) and not errors and not dev.broken})
     return out
 
@@ -335,7 +344,7 @@ def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
     on split rings or, with `packed`, packed ones (EVENT_IDX negotiated either way)."""
     from alacrity.kvm.payload.build import build
 
-    supported = {"virtio-blk", "virtio-net"}
+    supported = {"virtio-blk", "virtio-net", "vbus-bridge"}
     for s in machine.slots:
         name = getattr(getattr(s.device, "model", None), "name", s.kind)
         if name not in supported:

@@ -14,3 +14,6 @@ int bench_blk(struct mailbox *mb, struct vdev *d);
 struct net;
 int bench_net(struct mailbox *mb, struct net *a, struct net *b);
 int limit_shm(struct mailbox *mb);
+struct vbus;
+struct vblock;
+int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v);

@@ -5,6 +5,7 @@
 #include "bench.h"
 #include "ring.h"
 #include "net.h"
+#include "vbus.h"
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
@@ -79,6 +80,20 @@ static int selftest(struct mailbox *mb, int pattern_mode) {
     int rc = 0;
     for (u32 i = 0; i < mb->ndevices && i < MAX_DEVICES; i++) {
         struct vdev d;
+        if (mb->devices[i].kind == DEV_VBUS_BRIDGE) {
+            struct vbus b;
+            int r = vbus_open(mb, &b, mb->devices[i].base, (u16)mb->devices[i].device_id);
+            for (u32 k = 0; !r && k < b.ndev; k++) {
+                if (memcmp(b.types[k], "virtual-block", 14)) continue;
+                struct vblock v;
+                r = vblock_open(mb, &b, &v, b.devids[k], 64, 0);
+                if (!r) r = vblock_selftest(mb, &v, (int)i, pattern_mode);
+            }
+            if (!r && !b.ndev) r = -1;
+            puts(r ? "vbus: FAILED\n" : "vbus: ok\n");
+            if (r) rc = r;
+            continue;
+        }
         if (mb->devices[i].kind != DEV_VIRTIO_MMIO) continue;
         u64 want = ((mb->flags & 2) ? 1ul << F_EVENT_IDX : 0)
                  | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);
@@ -135,6 +150,16 @@ int main(struct mailbox *mb) {
     case TEST_SELFTEST: rc = selftest(mb, 0); break;
     case TEST_PATTERN: rc = selftest(mb, 1); break;
     case TEST_BENCH_BLK: {
+        if (mb->devices[0].kind == DEV_VBUS_BRIDGE) {
+            struct vbus b;
+            struct vblock v;
+            rc = vbus_open(mb, &b, mb->devices[0].base, (u16)mb->devices[0].device_id);
+            if (!rc && !b.ndev) rc = -3;
+            if (!rc) rc = vblock_open(mb, &b, &v, b.devids[0], (u32)mb->args[6],
+                                      mb->args[3] == NOTIFY_ALWAYS);
+            if (!rc) rc = bench_vblock(mb, &b, &v);
+            break;
+        }
         struct vdev d;
         u64 want = (mb->args[3] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0)
                  | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);

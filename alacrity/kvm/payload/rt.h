@@ -4,10 +4,11 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long u64;
+typedef long s64;
 
 #define MAILBOX_MAGIC 0x4B414C41u          /* "ALAK" */
 #define MAX_DEVICES 8
-enum { DEV_NONE = 0, DEV_VIRTIO_MMIO = 1 };
+enum { DEV_NONE = 0, DEV_VIRTIO_MMIO = 1, DEV_VBUS_BRIDGE = 2 };   /* vbus: device_id = PIO base */
 enum { TEST_SELFTEST = 1, TEST_HOSTILE = 2, TEST_SPIN = 3, TEST_FAULT = 4, TEST_PATTERN = 5,
        TEST_BENCH_BLK = 6, TEST_BENCH_NET = 7, TEST_LIMIT_SHM = 8 };
 

@@ -1,0 +1,262 @@
+#include "vbus.h"
+
+#define BRIDGE_MAGIC 0xBF53EEF5u
+#define HC_VERSION 1
+#define IOQ_MAGIC 0x47FA2FE4u
+#define IOQ_VERSION 4
+#define SHM_MAGIC 0x58FA39DFu
+#define SHM_VERSION 1
+enum { NEGOTIATE = 0, QREG = 1, SLOWCALL = 2 };
+enum { DEVOPEN = 0, DEVCLOSE = 1, DEVCALL = 2, DEVSHM = 3 };
+enum { EV_DEVADD = 0, EV_DEVDROP = 1, EV_SHMSIGNAL = 2, EV_SHMCLOSE = 3 };
+#define SIG_EVENTQ 0
+#define SIG_SHMSIGNAL 8
+#define EVENT_SIZE 144
+#define EVENTQ_COUNT 16
+#define SLOW_OFF 128
+#define DATA_OFF 256
+
+static u64 ring_bytes(u32 count) { return 56 + 32ul * count; }
+
+static void ioq_init(volatile struct ioq_ring *r, u32 count) {
+    memset((void *)r, 0, ring_bytes(count));
+    r->magic = IOQ_MAGIC;
+    r->ver = IOQ_VERSION;
+    r->count = count;
+    r->signal.magic = SHM_MAGIC;
+    r->signal.ver = SHM_VERSION;
+}
+
+static u32 idx_used(volatile struct ioq_idx *x, u32 count) {
+    if (x->head == x->tail) return x->full ? count : 0;
+    return (x->tail + count - x->head) % count;
+}
+
+/* north pushes at the tail of the valid index (and of inuse, for requests): write the
+   descriptors, move the tails, then hand each descriptor to south in order */
+static int ioq_push(struct ioq *q, const u64 *cookie, const u64 *ptr, const u64 *len, u32 n,
+                    int both) {
+    volatile struct ioq_ring *r = q->r;
+    u32 count = q->count;
+    volatile struct ioq_idx *v = &r->idx[0], *u = &r->idx[1];
+    if (n > count - idx_used(v, count)) return -1;
+    u32 start = v->tail, pos = start;
+    if (both && u->tail != start) return -2;
+    for (u32 k = 0; k < n; k++) {
+        volatile struct ioq_desc *d = &r->ring[pos];
+        if (d->sown != NORTH) return -3;
+        d->cookie = cookie[k];
+        d->ptr = ptr[k];
+        d->len = len[k];
+        d->valid = 1;
+        if (++pos == count) pos = 0;
+    }
+    compiler_barrier();
+    if (v->head == pos) v->full = 1;
+    v->tail = pos;
+    if (both) {
+        if (u->head == pos) u->full = 1;
+        u->tail = pos;
+    }
+    compiler_barrier();                    /* x86 keeps stores in order */
+    pos = start;
+    for (u32 k = 0; k < n; k++) {
+        r->ring[pos].sown = SOUTH;
+        if (++pos == count) pos = 0;
+    }
+    return 0;
+}
+
+int ioq_post(struct ioq *q, const u64 *cookie, const u64 *ptr, const u64 *len, u32 n) {
+    return ioq_push(q, cookie, ptr, len, n, 1);
+}
+
+u32 ioq_reap(struct ioq *q, u64 *cookies, u32 max) {
+    volatile struct ioq_ring *r = q->r;
+    volatile struct ioq_idx *v = &r->idx[0];
+    u32 count = q->count, pos = v->head, used = idx_used(v, count), n = 0;
+    if (pos >= count) return 0;
+    while (n < used && n < max && r->ring[pos].sown == NORTH) {
+        compiler_barrier();
+        cookies[n++] = r->ring[pos].cookie;
+        if (++pos == count) pos = 0;
+    }
+    if (n) {
+        v->head = pos;
+        if (v->full) v->full = 0;
+    }
+    return n;
+}
+
+int ioq_inject(struct ioq *q) {
+    volatile u8 *south = q->r->signal.irq[SOUTH];
+    south[2] = 1;                          /* dirty */
+    barrier();                             /* before we look at enabled and pending */
+    if (south[0] && (q->always || !south[1])) {
+        south[1] = 1;
+        outl((u16)q->doorbell_port, q->handle);   /* an ioeventfd: stays in the kernel */
+        return 1;
+    }
+    return 0;
+}
+
+void ioq_mute(struct ioq *q) { q->r->signal.irq[NORTH][0] = 0; }
+void ioq_unmute(struct ioq *q) { q->r->signal.irq[NORTH][0] = 1; }
+
+/* -- the bridge ------------------------------------------------------------------------- */
+static s64 bridgecall(struct vbus *b, u32 vector, u32 len, u64 datap) {
+    *(volatile u64 *)b->base = vector | (u64)len << 32;
+    *(volatile u64 *)(b->base + 8) = datap;
+    return (s64)(int)mmio_read32(b->base);          /* the read runs it */
+}
+
+static s64 hypercall(struct vbus *b, u32 nr, u32 len) {
+    u32 *desc = (u32 *)(b->scratch + SLOW_OFF);
+    desc[0] = nr;
+    desc[1] = len;
+    *(u64 *)(desc + 2) = (u64)b->scratch;
+    return bridgecall(b, SLOWCALL, 16, (u64)desc);
+}
+
+/* take the events waiting on the event queue; DEVADD fills the device table */
+void vbus_take_events(struct vbus *b) {
+    volatile struct ioq_ring *r = b->eventq.r;
+    volatile struct ioq_idx *u = &r->idx[1];
+    u32 count = b->eventq.count, taken = 0;
+    for (;;) {
+        u32 pos = u->head;
+        if (pos >= count || idx_used(u, count) == 0 || r->ring[pos].sown != NORTH) {
+            if (taken) ioq_inject(&b->eventq);     /* room again, if south waits for it */
+            return;
+        }
+        taken++;
+        compiler_barrier();
+        u8 *ev = (u8 *)r->ring[pos].ptr;
+        if (ev >= b->events && ev + EVENT_SIZE <= b->events + EVENT_SIZE * count
+                && *(u32 *)ev == EV_DEVADD && b->ndev < 8) {
+            b->devids[b->ndev] = (u32)*(u64 *)(ev + 8);
+            memcpy(b->types[b->ndev], ev + 16, 31);
+            b->types[b->ndev][31] = 0;
+            b->ndev++;
+        }
+        r->ring[pos].len = EVENT_SIZE;     /* the buffer goes back to south */
+        u32 next = pos + 1 == count ? 0 : pos + 1;
+        u->head = next;
+        if (u->full) u->full = 0;
+        compiler_barrier();
+        r->ring[pos].sown = SOUTH;
+    }
+}
+
+int vbus_open(struct mailbox *mb, struct vbus *b, u64 base, u16 pio) {
+    b->base = base;
+    b->pio = pio;
+    b->ndev = 0;
+    b->scratch = heap_alloc(mb, 4096, 4096);
+    if (!b->scratch) return -1;
+    u32 *neg = (u32 *)(b->scratch + DATA_OFF);
+    neg[0] = BRIDGE_MAGIC; neg[1] = HC_VERSION; neg[2] = neg[3] = 0;
+    if (bridgecall(b, NEGOTIATE, 16, (u64)neg) || neg[0] != BRIDGE_MAGIC || neg[1] != HC_VERSION)
+        return -2;
+    /* the event queue: north posts empty event buffers on the valid index */
+    u32 count = EVENTQ_COUNT;
+    b->eventq.r = heap_alloc(mb, ring_bytes(count), 64);
+    b->events = heap_alloc(mb, (u64)EVENT_SIZE * count, 64);
+    if (!b->eventq.r || !b->events) return -3;
+    b->eventq.count = count;
+    b->eventq.doorbell_port = pio + SIG_EVENTQ;
+    b->eventq.handle = 0;
+    b->eventq.always = 0;
+    ioq_init(b->eventq.r, count);
+    u64 cookie[EVENTQ_COUNT], ptr[EVENTQ_COUNT], len[EVENTQ_COUNT];
+    for (u32 i = 0; i < count; i++) {
+        cookie[i] = i; ptr[i] = (u64)b->events + (u64)EVENT_SIZE * i; len[i] = EVENT_SIZE;
+    }
+    if (ioq_push(&b->eventq, cookie, ptr, len, count, 0)) return -4;
+    ioq_mute(&b->eventq);                  /* we poll the event queue */
+    u8 *reg = b->scratch + DATA_OFF;
+    memset(reg, 0, 32);
+    *(u32 *)reg = 1;
+    *(u32 *)(reg + 8) = count;
+    *(u64 *)(reg + 16) = (u64)b->eventq.r;
+    *(u64 *)(reg + 24) = (u64)b->events;
+    if (bridgecall(b, QREG, 32, (u64)reg)) return -5;
+    vbus_take_events(b);                   /* the DEVADDs arrive at once */
+    return 0;
+}
+
+/* -- vblock -------------------------------------------------------------------------------- */
+int vblock_open(struct mailbox *mb, struct vbus *b, struct vblock *v, u32 devid, u32 qsize,
+                int always) {
+    v->b = b;
+    u8 *a = b->scratch;
+    /* DEVOPEN {devid, version, handle out} */
+    memset(a, 0, 64);
+    *(u32 *)a = devid; *(u32 *)(a + 4) = 1;
+    if (hypercall(b, DEVOPEN, 16)) return -10;
+    v->devh = *(u64 *)(a + 8);
+    /* DEVCALL QUERY (func 0): capacity, block size, flags, max segments */
+    u8 *out = b->scratch + DATA_OFF;
+    memset(out, 0, 24);
+    memset(a, 0, 32);
+    *(u64 *)a = v->devh; *(u32 *)(a + 8) = 0; *(u32 *)(a + 12) = 24;
+    *(u64 *)(a + 24) = (u64)out;
+    if (hypercall(b, DEVCALL, 32)) return -11;
+    v->capacity = *(u64 *)out;
+    /* the request queue, and DEVSHM with its signal (cookie 1) */
+    v->q.count = qsize;
+    v->q.r = heap_alloc(mb, ring_bytes(qsize), 64);
+    if (!v->q.r) return -12;
+    ioq_init(v->q.r, qsize);
+    v->q.always = always;
+    memset(a, 0, 48);
+    *(u64 *)a = v->devh; *(u32 *)(a + 8) = 0; *(u32 *)(a + 12) = (u32)ring_bytes(qsize);
+    *(u32 *)(a + 24) = 8;                  /* the signal's offset in the ring */
+    *(u64 *)(a + 32) = 1;                  /* cookie */
+    *(u64 *)(a + 40) = (u64)v->q.r;
+    s64 h = hypercall(b, DEVSHM, 48);
+    if (h <= 0) return -13;
+    v->q.handle = (u32)h;
+    v->q.doorbell_port = b->pio + SIG_SHMSIGNAL;
+    ioq_mute(&v->q);                       /* we poll for completions */
+    return 0;
+}
+
+static u32 vblock_io(struct mailbox *mb, struct vblock *v, struct vblock_req *req, u32 type,
+                     u64 sector, u8 *data, u32 len) {
+    req->type = type; req->status = 0xFF; req->sector = sector;
+    req->count = len ? 1 : 0;
+    req->iov[0].len = len; req->iov[0].ptr = (u64)data;
+    u64 cookie = 7, ptr = (u64)req, rlen = len ? 40 : 24;
+    if (ioq_post(&v->q, &cookie, &ptr, &rlen, 1)) return 0x101;
+    ioq_inject(&v->q);
+    u64 deadline = rdtsc() + mb->tsc_khz * 5000, got;
+    while (!ioq_reap(&v->q, &got, 1))
+        if (rdtsc() > deadline) return 0x100;
+    return req->status;
+}
+
+static u8 pattern(u64 seed, u64 sector, u32 i) { return (u8)(seed * 7 + sector * 31 + i); }
+
+int vblock_selftest(struct mailbox *mb, struct vblock *v, int slot, int pattern_mode) {
+    struct vblock_req *req = heap_alloc(mb, 64, 64);
+    u8 *data = heap_alloc(mb, 4096, 4096), *back = heap_alloc(mb, 4096, 4096);
+    if (!req || !data || !back) return -20;
+    u64 seed = mb->args[0], first = mb->args[1], count = mb->args[2], ops = 0, errors = 0;
+    for (u64 s = first; s < first + count; s += 8) {
+        if (pattern_mode) {
+            for (u32 i = 0; i < 4096; i++) data[i] = pattern(seed, s + i / 512, i % 512);
+        } else {
+            if (vblock_io(mb, v, req, 0, s, data, 4096)) errors++;
+            ops++;
+        }
+        if (vblock_io(mb, v, req, 1, s, data, 4096)) errors++;
+        if (vblock_io(mb, v, req, 4, 0, 0, 0)) errors++;
+        if (vblock_io(mb, v, req, 0, s, back, 4096)) errors++;
+        ops += 3;
+        if (memcmp(data, back, 4096)) errors++;
+    }
+    mb->results[2 * slot] = ops;
+    mb->results[2 * slot + 1] = errors;
+    return errors ? -21 : 0;
+}

@@ -1,0 +1,55 @@
+/* vbus, north side: shm-signal (v1), IOQ (v4), the bus bridge (ABI 2) and vblock.
+   Layouts: ../shared/vbus-abi.md and alacrity/vbus/ (the host side). */
+#pragma once
+#include "rt.h"
+
+#define NORTH 0
+#define SOUTH 1
+
+struct shm_signal { u32 magic, ver; u8 irq[2][3]; u8 pad[2]; };     /* enabled, pending, dirty */
+struct ioq_idx { u32 head, tail; u8 full, pad[3]; };
+struct ioq_desc { u64 cookie, ptr, len; u8 valid, sown, pad[6]; };
+struct ioq_ring {
+    u32 magic, ver;
+    struct shm_signal signal;
+    struct ioq_idx idx[2];                 /* valid, inuse */
+    u32 count, pad;
+    struct ioq_desc ring[];
+};
+struct ioq {
+    volatile struct ioq_ring *r;
+    u32 count;
+    u32 doorbell_port, handle;             /* the shmsignal doorbell, rung with our handle */
+    int always;                            /* cross on every inject (no mitigation) */
+};
+
+struct vbus {
+    u64 base;                              /* the bridgecall window (MMIO) */
+    u16 pio;                               /* the doorbell window (PIO) */
+    u8 *scratch;
+    struct ioq eventq;
+    u8 *events;                            /* the event pool */
+    u32 devids[8], ndev;                   /* vblock devices seen in DEVADD */
+    char types[8][32];
+};
+
+struct vblock {
+    struct vbus *b;
+    u64 devh, capacity;
+    struct ioq q;
+};
+
+struct vblock_req { u32 type, status; u64 sector; u32 count, pad; struct { u32 len, pad; u64 ptr; } iov[1]; };
+
+int vbus_open(struct mailbox *mb, struct vbus *b, u64 base, u16 pio);
+int vblock_open(struct mailbox *mb, struct vbus *b, struct vblock *v, u32 devid, u32 qsize, int always);
+/* post n requests (both indexes); returns 0 or -1 if there is no room */
+int ioq_post(struct ioq *q, const u64 *cookie, const u64 *ptr, const u64 *len, u32 n);
+/* cookies of finished requests, at most max */
+u32 ioq_reap(struct ioq *q, u64 *cookies, u32 max);
+/* tell south: crosses (rings the doorbell) only if south asked; returns 1 if it crossed */
+int ioq_inject(struct ioq *q);
+void ioq_mute(struct ioq *q);              /* our own signal off: we poll */
+void ioq_unmute(struct ioq *q);
+void vbus_take_events(struct vbus *b);
+int vblock_selftest(struct mailbox *mb, struct vblock *v, int slot, int pattern_mode);
