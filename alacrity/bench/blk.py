@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from alacrity.bench.common import VHOST_USER, check_guest, machine_info, run_in_thread
+from alacrity.bench.common import (VHOST_USER, check_guest, machine_info, run_in_thread,
+                                    ticker)
 from alacrity.bench.limits import block_offsets, file_limit, null_limit
 from alacrity.bench.stats import latency_summary_us
 from alacrity.devices.block import SECTOR, BlockCore, open_backend
@@ -183,8 +184,6 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
     """The payload's benchmark loop (kvm/payload/bench.c) in a VM on /dev/kvm, on the same
     device and backend as a process guest. Exits are KVM_RUN's userspace exits in the
     window (the two marks excluded); doorbells are the ioeventfd counts the device saw."""
-    import threading
-
     from alacrity.bench.stats import histogram_summary_us
     from alacrity.kvm import api
     from alacrity.kvm.payload.build import build
@@ -219,14 +218,7 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
         args = [cfg.depth, cfg.bs, int(write), mode, int(cfg.warmup * 1000),
                 int(cfg.seconds * 1000), cfg.queue_size, backend.capacity // SECTOR]
         total = cfg.warmup + cfg.seconds
-        stop = threading.Event()
-        if tick:
-            t0 = time.monotonic()
-
-            def ticker() -> None:
-                while not stop.wait(0.1):
-                    tick(min(1.0, (time.monotonic() - t0) / total))
-            threading.Thread(target=ticker, daemon=True).start()
+        stop = ticker(tick, total)
         try:
             r = vm.boot(build(), "bench-blk", args, flags=int(cfg.abi == "virtio-packed"),
                         deadline=total + 60)

@@ -80,3 +80,17 @@ def run_in_thread(fn: Callable[[], dict[str, Any]], timeout: float,
     if "error" in out:
         raise out["error"]
     return out["result"]
+
+
+def ticker(tick: Callable[[float], None] | None, total: float) -> threading.Event:
+    """Call `tick(fraction)` about ten times a second for `total` seconds' worth of run,
+    from a thread of its own, until the returned event is set."""
+    stop = threading.Event()
+    if tick:
+        t0 = time.monotonic()
+
+        def run() -> None:
+            while not stop.wait(0.1):
+                tick(min(1.0, (time.monotonic() - t0) / total))
+        threading.Thread(target=run, name="alacrity-ticker", daemon=True).start()
+    return stop

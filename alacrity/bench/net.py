@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from alacrity.bench.common import (VHOST_USER, check_guest, machine_info, run_in_thread,
-                                    sum_stats)
+                                    sum_stats, ticker)
 from alacrity.bench.limits import (EventfdEcho, ShmEcho, guest_eventfd_rtt, guest_shm_rtt,
                                    net_stream_limit)
 from alacrity.bench.stats import latency_summary_us
@@ -162,8 +162,6 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
     core and loopback backend as a process guest; for pingpong, the limit is a round trip
     through one shared cache line with the host's I/O thread, measured by the payload."""
     import struct as _s
-    import threading
-
     from alacrity.bench.stats import histogram_summary_us
     from alacrity.kvm import api
     from alacrity.kvm.payload.build import build
@@ -180,6 +178,8 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
     machine = Machine(64 << 20, poll_us=cfg.poll_us if notify is Notify.POLL else 0,
                       idle_spin_us=cfg.host_spin_us)
     backends = open_backends(cfg.backend)
+    total = cfg.warmup + cfg.seconds + (cfg.limit_seconds if cfg.mode == "pingpong" else 0)
+    stop = ticker(tick, total)
     try:
         cores = [NetCore(b) for b in backends]
         devs = [machine.add_virtio_mmio(N.VirtioNet(c, queue_max=cfg.queue_size), notify=notify)
@@ -188,15 +188,6 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
         mode = {Notify.ALWAYS: 0, Notify.MITIGATED: 1, Notify.POLL: 2}[notify]
         args = [int(cfg.mode == "pingpong"), cfg.size, mode, 0, int(cfg.warmup * 1000),
                 int(cfg.seconds * 1000), cfg.queue_size]
-        total = cfg.warmup + cfg.seconds + (cfg.limit_seconds if cfg.mode == "pingpong" else 0)
-        stop = threading.Event()
-        if tick:
-            t0 = time.monotonic()
-
-            def ticker() -> None:
-                while not stop.wait(0.1):
-                    tick(min(1.0, (time.monotonic() - t0) / total))
-            threading.Thread(target=ticker, daemon=True).start()
         payload = build()
         vm = KvmVm(machine)
         vm.on_mark = lambda name: marks.__setitem__(
@@ -226,7 +217,7 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
             limit_rtt_ns *= 2 if cfg.backend == "pair" else 1     # two round trips per op
         counters = [c.counters.as_dict() for c in cores]
     finally:
-        stop.set() if tick else None
+        stop.set()
         machine.close()
         for b in backends:
             b.close()

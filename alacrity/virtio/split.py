@@ -72,19 +72,24 @@ class SplitQueue:
     def has_work(self) -> bool:
         return self._avail16[1] != self.last_avail
 
-    def pop(self, limit: int = MAX_QUEUE_SIZE) -> list[Chain]:
-        """The chains made available since the last call (at most `limit`), in one pass."""
-        avail = self._avail16
-        idx = avail[1]
+    def _available(self, limit: int) -> int:
+        """How many entries to take now (at most `limit`); the available index is read once
+        and may not run more than a queue ahead."""
+        idx = self._avail16[1]
         last = self.last_avail
         n = (idx - last) & 0xFFFF
-        if not n:
-            return []
         if n > self.size:
             raise GuestError(f"available index {idx} is {n} entries ahead of {last} "
                              f"(queue size {self.size})")
-        if n > limit:
-            n = limit
+        return n if n < limit else limit
+
+    def pop(self, limit: int = MAX_QUEUE_SIZE) -> list[Chain]:
+        """The chains made available since the last call (at most `limit`), in one pass."""
+        avail = self._avail16
+        last = self.last_avail
+        n = self._available(limit)
+        if not n:
+            return []
         # The walk is inlined here (one function for the whole batch): this is the
         # hottest loop of every device.
         size = self.size
@@ -169,14 +174,9 @@ class SplitQueue:
         anything else, or shorter than `skip`; pop() takes that one. The checks are pop()'s."""
         avail = self._avail16
         last = self.last_avail
-        n = (avail[1] - last) & 0xFFFF
+        n = self._available(limit)
         if not n:
             return [], []
-        if n > self.size:
-            raise GuestError(f"available index {avail[1]} is {n} entries ahead of {last} "
-                             f"(queue size {self.size})")
-        if n > limit:
-            n = limit
         size = self.size
         mask = self.mask
         desc = self._desc

@@ -19,9 +19,44 @@ static void record(struct mailbox *mb, u64 cycles) {
     HIST[b]++;
 }
 
+/* the measured window: warm-up, then `seconds` between the VMM's two marks */
+struct window { u64 t_start, t_end, t0, t1, seconds; int measuring, done; };
+
+static void window_init(struct window *w, struct mailbox *mb) {
+    w->t_start = rdtsc() + mb->args[4] * mb->tsc_khz;       /* args[4]: warm-up ms */
+    w->seconds = mb->args[5] * mb->tsc_khz;                  /* args[5]: window ms */
+    w->t_end = w->t0 = w->t1 = 0;
+    w->measuring = w->done = 0;
+}
+
+/* start or end the window; the doorbell counters restart with it */
+static void window_check(struct window *w, u64 now, u64 *kicks, u64 *suppressed) {
+    if (!w->measuring && !w->done && now >= w->t_start) {
+        mark(MARK_START);
+        w->measuring = 1;
+        w->t0 = rdtsc();
+        w->t_end = w->t0 + w->seconds;
+        *kicks = *suppressed = 0;
+    } else if (w->measuring && now >= w->t_end) {
+        w->t1 = rdtsc();
+        mark(MARK_END);
+        w->measuring = 0;
+        w->done = 1;
+    }
+}
+
+static int window_results(struct mailbox *mb, struct window *w, u64 ops, u64 errors, u64 kicks,
+                          u64 suppressed) {
+    mb->results[0] = ops;
+    mb->results[1] = w->t1 - w->t0;
+    mb->results[2] = errors;
+    mb->results[3] = kicks;
+    mb->results[4] = suppressed;
+    return 0;
+}
+
 int bench_blk(struct mailbox *mb, struct vdev *d) {
     u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2], notify = mb->args[3];
-    u64 warmup = mb->args[4] * mb->tsc_khz, seconds = mb->args[5] * mb->tsc_khz; /* ms */
     u64 qsize = mb->args[6], sectors = mb->args[7];
     int always = notify == NOTIFY_ALWAYS;
     struct ring q;
@@ -41,8 +76,10 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
     u64 span = sectors - bs / 512, ops = 0, errors = 0, kicks = 0, suppressed = 0;
     u64 next_sector = 0;
     u32 type = write ? 1 : 0;
-    int measuring = 0, stopping = 0, inflight = 0;
-    u64 now = rdtsc(), t_start = now + warmup, t_end = 0, t0 = 0, t1 = 0;
+    int inflight = 0;
+    struct window w;
+    window_init(&w, mb);
+    u64 now = rdtsc();
     for (u64 s = 0; s < depth; s++) {
         struct blk_req *h = &hdr[s];
         h->type = type; h->reserved = 0; h->sector = next_sector;
@@ -62,9 +99,9 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
         int head = ring_get(&q, &written);
         if (head < 0) {
             if (head == -2) return -24;
-            if (stopping && !inflight) break;
+            if (w.done && !inflight) break;
             now = rdtsc();
-            if (measuring && now >= t_end) goto window;
+            if (w.measuring && now >= w.t_end) goto window;
             continue;
         }
         /* take everything that is there before kicking once */
@@ -73,8 +110,8 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
             u64 s = token[head];
             inflight--;
             if (status[64 * s]) errors++;
-            if (measuring) { record(mb, now - t_sub[s]); ops++; }
-            if (!stopping) {
+            if (w.measuring) { record(mb, now - t_sub[s]); ops++; }
+            if (!w.done) {
                 struct blk_req *h = &hdr[s];
                 h->sector = next_sector;
                 next_sector = (next_sector + bs / 512) % (span + 1);
@@ -94,25 +131,9 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
             added = 0;
         }
     window:
-        if (!measuring && !stopping && now >= t_start) {
-            mark(MARK_START);
-            measuring = 1;
-            t0 = rdtsc();
-            t_end = t0 + seconds;
-            kicks = suppressed = 0;
-        } else if (measuring && now >= t_end) {
-            t1 = rdtsc();
-            mark(MARK_END);
-            measuring = 0;
-            stopping = 1;
-        }
+        window_check(&w, now, &kicks, &suppressed);
     }
-    mb->results[0] = ops;
-    mb->results[1] = t1 - t0;
-    mb->results[2] = errors;
-    mb->results[3] = kicks;
-    mb->results[4] = suppressed;
-    return 0;
+    return window_results(mb, &w, ops, errors, kicks, suppressed);
 }
 
 /* `alacrity bench net`, on one device with the loopback backend, or two devices joined
@@ -146,7 +167,6 @@ static int take_all(struct mailbox *mb, struct net *n, u64 size, u64 *received, 
 
 int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     u64 pingpong = mb->args[0], size = mb->args[1], notify = mb->args[2];
-    u64 warmup = mb->args[4] * mb->tsc_khz, seconds = mb->args[5] * mb->tsc_khz;
     int always = notify == NOTIFY_ALWAYS;
     if (size < 60 || size > 1514) return -40;
     if (!always) {
@@ -161,11 +181,12 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     if (!t_sent) return -41;
     u64 ops = 0, errors = 0, kicks = 0, suppressed = 0, sent = 0, received = 0;
     u64 back_sent = 0, back_received = 0;
-    int measuring = 0, done = 0;
-    u64 now = rdtsc(), t_start = now + warmup, t_end = 0, t0 = 0, t1 = 0, t_op = 0;
+    struct window w;
+    window_init(&w, mb);
+    u64 now = rdtsc(), t_op = 0;
     for (;;) {
         int added = 0;
-        if (!done && (!pingpong || (sent == received && back_sent == back_received))) {
+        if (!w.done && (!pingpong || (sent == received && back_sent == back_received))) {
             do {
                 *(u32 *)(frame + 14) = (u32)sent;
                 if (net_send(a, frame, (u32)size)) break;
@@ -176,12 +197,12 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
             } while (!pingpong);
         }
         if (added) { if (ring_kick(&a->tx, always)) kicks++; else suppressed++; }
-        int got = take_all(mb, b, size, &received, measuring, &ops, &errors, t_sent,
+        int got = take_all(mb, b, size, &received, w.measuring, &ops, &errors, t_sent,
                            !pingpong, always, &kicks, &suppressed);
         if (got < 0) return got;
         if (pingpong && got) {
             if (b == a) {                       /* loopback: the frame is back: one op */
-                if (measuring) { record(mb, rdtsc() - t_op); ops++; }
+                if (w.measuring) { record(mb, rdtsc() - t_op); ops++; }
             } else {                            /* pair: send it back the other way */
                 *(u32 *)(frame + 14) = (u32)back_sent;
                 if (net_send(b, frame, (u32)size)) return -43;
@@ -193,35 +214,19 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
             int g2 = take_all(mb, a, size, &back_received, 0, &ops, &errors, t_sent, 0,
                               always, &kicks, &suppressed);
             if (g2 < 0) return g2;
-            if (g2 && measuring) { record(mb, rdtsc() - t_op); ops++; }
+            if (g2 && w.measuring) { record(mb, rdtsc() - t_op); ops++; }
         }
         now = rdtsc();
-        if (!measuring && !done && now >= t_start) {
-            mark(MARK_START);
-            measuring = 1;
-            t0 = rdtsc();
-            t_end = t0 + seconds;
-            kicks = suppressed = 0;
-        } else if (measuring && now >= t_end) {
-            t1 = rdtsc();
-            mark(MARK_END);
-            measuring = 0;
-            done = 1;
-        }
-        if (done && received == sent && back_received == back_sent) break;
-        if (done && now > t1 + mb->tsc_khz * 5000) {
+        window_check(&w, now, &kicks, &suppressed);
+        if (w.done && received == sent && back_received == back_sent) break;
+        if (w.done && now > w.t1 + mb->tsc_khz * 5000) {
             errors += sent - received + back_sent - back_received;
             break;
         }
     }
     net_reclaim(a);
     if (b != a) net_reclaim(b);
-    mb->results[0] = ops;
-    mb->results[1] = t1 - t0;
-    mb->results[2] = errors;
-    mb->results[3] = kicks;
-    mb->results[4] = suppressed;
-    return 0;
+    return window_results(mb, &w, ops, errors, kicks, suppressed);
 }
 
 /* the limit of pingpong: a round trip through one shared cache line with the host's I/O
@@ -254,7 +259,6 @@ int limit_shm(struct mailbox *mb) {
    SHMSIGNAL events we take from the event queue; otherwise we poll. */
 int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
     u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2], notify = mb->args[3];
-    u64 warmup = mb->args[4] * mb->tsc_khz, seconds = mb->args[5] * mb->tsc_khz;
     u64 sectors = mb->args[7];
     int always = notify == NOTIFY_ALWAYS;
     if (depth < 1 || depth > 256 || depth > v->q.count || bs > 65536 || !sectors) return -60;
@@ -263,12 +267,14 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
     u8 *data = heap_alloc(mb, bs * depth, 4096);
     u64 *t_sub = heap_alloc(mb, 8 * depth, 8);
     u64 *cookies = heap_alloc(mb, 8 * depth, 8), *ptrs = heap_alloc(mb, 8 * depth, 8);
-    u64 *lens = heap_alloc(mb, 8 * depth, 8), *done = heap_alloc(mb, 8 * depth, 8);
-    if (!req || !data || !t_sub || !cookies || !ptrs || !lens || !done) return -61;
+    u64 *lens = heap_alloc(mb, 8 * depth, 8), *finished = heap_alloc(mb, 8 * depth, 8);
+    if (!req || !data || !t_sub || !cookies || !ptrs || !lens || !finished) return -61;
     u64 span = sectors - bs / 512, next_sector = 0, ops = 0, errors = 0, kicks = 0, suppressed = 0;
     u32 type = write ? 1 : 0, staged = 0;
-    int measuring = 0, stopping = 0, inflight = 0;
-    u64 now = rdtsc(), t_start = now + warmup, t_end = 0, t0 = 0, t1 = 0;
+    int inflight = 0;
+    struct window w;
+    window_init(&w, mb);
+    u64 now = rdtsc();
     for (u64 s = 0; s < depth; s++) {
         struct vblock_req *r = (struct vblock_req *)((u8 *)req + 64 * s);
         r->type = type; r->status = 0xFF; r->sector = next_sector; r->count = 1;
@@ -283,21 +289,21 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
     if (ioq_inject(&v->q)) kicks++; else suppressed++;
     for (;;) {
         if (always) vbus_take_events(b);
-        u32 n = ioq_reap(&v->q, done, (u32)depth);
+        u32 n = ioq_reap(&v->q, finished, (u32)depth);
         now = rdtsc();
         if (!n) {
-            if (stopping && !inflight) break;
-            if (measuring && now >= t_end) goto window;
+            if (w.done && !inflight) break;
+            if (w.measuring && now >= w.t_end) goto window;
             continue;
         }
         for (u32 k = 0; k < n; k++) {
-            u64 s = done[k];
+            u64 s = finished[k];
             if (s >= depth) return -63;
             struct vblock_req *r = (struct vblock_req *)((u8 *)req + 64 * s);
             inflight--;
             if (r->status) errors++;
-            if (measuring) { record(mb, now - t_sub[s]); ops++; }
-            if (!stopping) {
+            if (w.measuring) { record(mb, now - t_sub[s]); ops++; }
+            if (!w.done) {
                 r->status = 0xFF; r->sector = next_sector;
                 next_sector = (next_sector + bs / 512) % (span + 1);
                 cookies[staged] = s; ptrs[staged] = (u64)r; lens[staged] = 40; staged++;
@@ -311,23 +317,7 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
             if (ioq_inject(&v->q)) kicks++; else suppressed++;
         }
     window:
-        if (!measuring && !stopping && now >= t_start) {
-            mark(MARK_START);
-            measuring = 1;
-            t0 = rdtsc();
-            t_end = t0 + seconds;
-            kicks = suppressed = 0;
-        } else if (measuring && now >= t_end) {
-            t1 = rdtsc();
-            mark(MARK_END);
-            measuring = 0;
-            stopping = 1;
-        }
+        window_check(&w, now, &kicks, &suppressed);
     }
-    mb->results[0] = ops;
-    mb->results[1] = t1 - t0;
-    mb->results[2] = errors;
-    mb->results[3] = kicks;
-    mb->results[4] = suppressed;
-    return 0;
+    return window_results(mb, &w, ops, errors, kicks, suppressed);
 }
