@@ -161,7 +161,6 @@ def test_ctrl_c_leaves_no_children_and_no_scratch(tmp_path):
     (["--abi", "virtio-split,vhost"], "--abi"),
     (["--notify", ""], "--notify"),
     (["--guest", "xen"], "not available yet"),
-    (["--guest", "kvm", "--abi", "vbus", "--workloads", "net-stream"], "no venet driver"),
     (["--workloads", "blk-tape"], "--workloads"),
     (["--repeat", "0"], "--repeat"),
     (["--seconds", "-2"], "--seconds"),

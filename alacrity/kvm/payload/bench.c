@@ -161,7 +161,7 @@ static int take_all(struct mailbox *mb, struct net *n, u64 size, u64 *received, 
         net_repost(n, s);
         got++;
     }
-    if (got) { if (ring_kick(&n->rx, always)) (*kicks)++; else (*suppressed)++; }
+    if (got) { if (net_kick_rx(n, always)) (*kicks)++; else (*suppressed)++; }
     return got;
 }
 
@@ -169,10 +169,7 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     u64 pingpong = mb->args[0], size = mb->args[1], notify = mb->args[2];
     int always = notify == NOTIFY_ALWAYS;
     if (size < 60 || size > 1514) return -40;
-    if (!always) {
-        ring_no_interrupts(&a->rx); ring_no_interrupts(&a->tx);
-        ring_no_interrupts(&b->rx); ring_no_interrupts(&b->tx);
-    }
+    if (!always) { net_quiet(a); net_quiet(b); }
     u8 frame[1514];
     for (u32 i = 0; i < size; i++) frame[i] = (u8)(i * 7);
     memset(frame, 0xFF, 6);
@@ -196,7 +193,7 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
                 added++;
             } while (!pingpong);
         }
-        if (added) { if (ring_kick(&a->tx, always)) kicks++; else suppressed++; }
+        if (added) { if (net_kick_tx(a, always)) kicks++; else suppressed++; }
         int got = take_all(mb, b, size, &received, w.measuring, &ops, &errors, t_sent,
                            !pingpong, always, &kicks, &suppressed);
         if (got < 0) return got;
@@ -207,7 +204,7 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
                 *(u32 *)(frame + 14) = (u32)back_sent;
                 if (net_send(b, frame, (u32)size)) return -43;
                 back_sent++;
-                if (ring_kick(&b->tx, always)) kicks++; else suppressed++;
+                if (net_kick_tx(b, always)) kicks++; else suppressed++;
             }
         }
         if (pingpong && b != a && back_sent != back_received) {

@@ -84,10 +84,17 @@ static int selftest(struct mailbox *mb, int pattern_mode) {
             struct vbus b;
             int r = vbus_open(mb, &b, mb->devices[i].base, (u16)mb->devices[i].device_id);
             for (u32 k = 0; !r && k < b.ndev; k++) {
-                if (memcmp(b.types[k], "virtual-block", 14)) continue;
-                struct vblock v;
-                r = vblock_open(mb, &b, &v, b.devids[k], 64, 0);
-                if (!r) r = vblock_selftest(mb, &v, (int)i, pattern_mode);
+                if (!memcmp(b.types[k], "virtual-block", 14)) {
+                    struct vblock v;
+                    r = vblock_open(mb, &b, &v, b.devids[k], 64, 0);
+                    if (!r) r = vblock_selftest(mb, &v, (int)i, pattern_mode);
+                } else if (!memcmp(b.types[k], "virtual-ethernet", 17)) {
+                    struct venet ve;
+                    struct net n;
+                    n.ve = &ve;
+                    r = venet_open(mb, &b, &ve, b.devids[k], 256, 0);
+                    if (!r) r = net_selftest(mb, &n, (int)i);
+                }
             }
             if (!r && !b.ndev) r = -1;
             puts(r ? "vbus: FAILED\n" : "vbus: ok\n");
@@ -170,6 +177,20 @@ int main(struct mailbox *mb) {
     }
     case TEST_BENCH_NET: {
         struct net n[2];
+        if (mb->devices[0].kind == DEV_VBUS_BRIDGE) {    /* venet: one or two (pair) */
+            static struct venet ve[2];
+            struct vbus b;
+            rc = vbus_open(mb, &b, mb->devices[0].base, (u16)mb->devices[0].device_id);
+            u32 k = b.ndev >= 2 ? 2 : 1;
+            if (!rc && !b.ndev) rc = -3;
+            for (u32 i = 0; i < k && !rc; i++) {
+                n[i].ve = &ve[i];
+                rc = venet_open(mb, &b, &ve[i], b.devids[i], (u32)mb->args[6],
+                                mb->args[2] == NOTIFY_ALWAYS);
+            }
+            if (!rc) rc = bench_net(mb, &n[0], &n[k - 1]);
+            break;
+        }
         u64 want = (mb->args[2] == NOTIFY_MITIGATED ? 1ul << F_EVENT_IDX : 0)
                  | ((mb->flags & 1) ? 1ul << F_RING_PACKED : 0);
         u32 k = mb->ndevices >= 2 ? 2 : 1;      /* two devices: the pair backend */

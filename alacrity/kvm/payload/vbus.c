@@ -152,6 +152,7 @@ int vbus_open(struct mailbox *mb, struct vbus *b, u64 base, u16 pio) {
     b->base = base;
     b->pio = pio;
     b->ndev = 0;
+    b->next_cookie = 1;
     b->scratch = heap_alloc(mb, 4096, 4096);
     if (!b->scratch) return -1;
     u32 *neg = (u32 *)(b->scratch + DATA_OFF);
@@ -212,7 +213,7 @@ int vblock_open(struct mailbox *mb, struct vbus *b, struct vblock *v, u32 devid,
     memset(a, 0, 48);
     *(u64 *)a = v->devh; *(u32 *)(a + 8) = 0; *(u32 *)(a + 12) = (u32)ring_bytes(qsize);
     *(u32 *)(a + 24) = 8;                  /* the signal's offset in the ring */
-    *(u64 *)(a + 32) = 1;                  /* cookie */
+    *(u64 *)(a + 32) = b->next_cookie++;   /* cookie */
     *(u64 *)(a + 40) = (u64)v->q.r;
     s64 h = hypercall(b, DEVSHM, 48);
     if (h <= 0) return -13;
@@ -221,6 +222,126 @@ int vblock_open(struct mailbox *mb, struct vbus *b, struct vblock *v, u32 devid,
     ioq_mute(&v->q);                       /* we poll for completions */
     return 0;
 }
+
+/* -- venet ----------------------------------------------------------------------------------- */
+#define VENET_BUF 1536
+
+static s64 devcall(struct vbus *b, u64 devh, u32 func, u32 len) {
+    u8 *a = b->scratch;
+    memset(a, 0, 32);
+    *(u64 *)a = devh; *(u32 *)(a + 8) = func; *(u32 *)(a + 12) = len;
+    *(u64 *)(a + 24) = (u64)(b->scratch + DATA_OFF);
+    return hypercall(b, DEVCALL, 32);
+}
+
+static int queue_shm(struct mailbox *mb, struct vbus *b, u64 devh, struct ioq *q, u32 id,
+                     u32 count, int always) {
+    q->count = count;
+    q->r = heap_alloc(mb, ring_bytes(count), 64);
+    if (!q->r) return -1;
+    ioq_init(q->r, count);
+    q->always = always;
+    u8 *a = b->scratch;
+    memset(a, 0, 48);
+    *(u64 *)a = devh; *(u32 *)(a + 8) = id; *(u32 *)(a + 12) = (u32)ring_bytes(count);
+    *(u32 *)(a + 24) = 8;
+    *(u64 *)(a + 32) = b->next_cookie++;
+    *(u64 *)(a + 40) = (u64)q->r;
+    s64 h = hypercall(b, DEVSHM, 48);
+    if (h <= 0) return -2;
+    q->handle = (u32)h;
+    q->doorbell_port = b->pio + SIG_SHMSIGNAL;
+    return 0;
+}
+
+int venet_open(struct mailbox *mb, struct vbus *b, struct venet *v, u32 devid, u32 qsize,
+               int always) {
+    v->b = b;
+    if (qsize > 256) qsize = 256;
+    u8 *a = b->scratch;
+    memset(a, 0, 64);
+    *(u32 *)a = devid; *(u32 *)(a + 4) = 1;
+    if (hypercall(b, DEVOPEN, 16)) return -30;
+    v->devh = *(u64 *)(a + 8);
+    if (devcall(b, v->devh, 2, 6) < 0) return -31;               /* MACQUERY */
+    memcpy(v->mac, b->scratch + DATA_OFF, 6);
+    if (queue_shm(mb, b, v->devh, &v->rx, 0, qsize, always)) return -32;
+    if (queue_shm(mb, b, v->devh, &v->tx, 1, qsize, always)) return -33;
+    v->rx_buf = heap_alloc(mb, (u64)VENET_BUF * qsize, 64);
+    v->tx_buf = heap_alloc(mb, (u64)VENET_BUF * qsize, 64);
+    v->tx_free = heap_alloc(mb, 2ul * qsize, 8);
+    if (!v->rx_buf || !v->tx_buf || !v->tx_free) return -34;
+    for (u32 i = 0; i < qsize; i++) {
+        v->s_cookie[i] = i; v->s_ptr[i] = (u64)v->rx_buf + (u64)VENET_BUF * i;
+        v->s_len[i] = VENET_BUF;
+        v->tx_free[i] = (u16)i;
+    }
+    if (ioq_push(&v->rx, v->s_cookie, v->s_ptr, v->s_len, qsize, 0)) return -35;
+    v->ntx = v->ntx_free = (u16)qsize;
+    v->staged = 0;
+    if (devcall(b, v->devh, 0, 0) < 0) return -36;               /* LINKUP */
+    if (!always) { ioq_mute(&v->rx); ioq_mute(&v->tx); }
+    return 0;
+}
+
+int venet_send(struct venet *v, const u8 *frame, u32 len) {
+    if (!v->ntx_free) venet_reclaim(v);
+    if (!v->ntx_free || len > VENET_BUF || v->staged >= 256) return -1;
+    u16 slot = v->tx_free[--v->ntx_free];
+    u8 *buf = v->tx_buf + (u64)VENET_BUF * slot;
+    memcpy(buf, frame, len);
+    v->s_cookie[v->staged] = slot; v->s_ptr[v->staged] = (u64)buf; v->s_len[v->staged] = len;
+    v->staged++;
+    return 0;
+}
+
+int venet_kick_tx(struct venet *v) {
+    if (v->staged) {
+        if (ioq_post(&v->tx, v->s_cookie, v->s_ptr, v->s_len, v->staged)) return -1;
+        v->staged = 0;
+    }
+    return ioq_inject(&v->tx);
+}
+
+int venet_reclaim(struct venet *v) {
+    u64 done[64];
+    u32 n, total = 0;
+    while ((n = ioq_reap(&v->tx, done, 64))) {
+        for (u32 k = 0; k < n; k++) {
+            if (done[k] >= v->ntx) return -2;
+            v->tx_free[v->ntx_free++] = (u16)done[k];
+        }
+        total += n;
+    }
+    return (int)total;
+}
+
+int venet_recv(struct venet *v, u8 **frame, u32 *len) {
+    volatile struct ioq_ring *r = v->rx.r;
+    volatile struct ioq_idx *u = &r->idx[1];
+    u32 pos = u->head;
+    if (pos >= v->rx.count) return -2;
+    if (idx_used(u, v->rx.count) == 0 || r->ring[pos].sown != NORTH) return -1;
+    compiler_barrier();
+    u64 i = r->ring[pos].cookie, n = r->ring[pos].len;
+    if (i >= v->rx.count || n > VENET_BUF) return -2;
+    *frame = v->rx_buf + (u64)VENET_BUF * i;
+    *len = (u32)n;
+    return 0;
+}
+
+void venet_release(struct venet *v) {
+    volatile struct ioq_ring *r = v->rx.r;
+    volatile struct ioq_idx *u = &r->idx[1];
+    u32 pos = u->head;
+    r->ring[pos].len = VENET_BUF;
+    u->head = pos + 1 == v->rx.count ? 0 : pos + 1;
+    if (u->full) u->full = 0;
+    compiler_barrier();
+    r->ring[pos].sown = SOUTH;
+}
+
+int venet_kick_rx(struct venet *v) { return ioq_inject(&v->rx); }
 
 static u32 vblock_io(struct mailbox *mb, struct vblock *v, struct vblock_req *req, u32 type,
                      u64 sector, u8 *data, u32 len) {

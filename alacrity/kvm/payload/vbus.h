@@ -26,6 +26,7 @@ struct ioq {
 struct vbus {
     u64 base;                              /* the bridgecall window (MMIO) */
     u16 pio;                               /* the doorbell window (PIO) */
+    u64 next_cookie;                       /* each signal's cookie, unique on the bus */
     u8 *scratch;
     struct ioq eventq;
     u8 *events;                            /* the event pool */
@@ -37,6 +38,19 @@ struct vblock {
     struct vbus *b;
     u64 devh, capacity;
     struct ioq q;
+};
+
+/* venet with flat descriptors: rx buffers posted once on the valid index and cycled on
+   the inuse index; tx frames pushed on both and reaped at the valid head */
+struct venet {
+    struct vbus *b;
+    u64 devh;
+    u8 mac[6];
+    struct ioq rx, tx;
+    u8 *rx_buf, *tx_buf;
+    u16 *tx_free, ntx_free, ntx;
+    u32 staged;
+    u64 s_cookie[256], s_ptr[256], s_len[256];
 };
 
 struct vblock_req { u32 type, status; u64 sector; u32 count, pad; struct { u32 len, pad; u64 ptr; } iov[1]; };
@@ -52,4 +66,12 @@ int ioq_inject(struct ioq *q);
 void ioq_mute(struct ioq *q);              /* our own signal off: we poll */
 void ioq_unmute(struct ioq *q);
 void vbus_take_events(struct vbus *b);
+int venet_open(struct mailbox *mb, struct vbus *b, struct venet *v, u32 devid, u32 qsize,
+               int always);
+int venet_send(struct venet *v, const u8 *frame, u32 len);     /* staged until the kick */
+int venet_kick_tx(struct venet *v);        /* post what is staged; 1 if the signal crossed */
+int venet_reclaim(struct venet *v);
+int venet_recv(struct venet *v, u8 **frame, u32 *len);        /* 0, -1 none, -2 broken */
+void venet_release(struct venet *v);       /* the oldest received buffer goes back */
+int venet_kick_rx(struct venet *v);
 int vblock_selftest(struct mailbox *mb, struct vblock *v, int slot, int pattern_mode);
