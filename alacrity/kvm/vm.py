@@ -54,6 +54,7 @@ MB_OFF_ARGS = MB_OFF_TSC + 8
 MB_OFF_RESULTS = MB_OFF_ARGS + 8 * 8
 MB_OFF_STATUS = MB_OFF_RESULTS + 16 * 8
 MB_OFF_MESSAGE = MB_OFF_STATUS + 8
+MB_OFF_GSI = MB_OFF_MESSAGE + 256
 
 # segment descriptors (flat): kernel code 0x08, kernel data 0x10, user code 0x18|3,
 # user data 0x20|3, TSS 0x28 (16 bytes)
@@ -77,7 +78,7 @@ class RunResult:
     status: int                          # what the payload reported on the exit port
     console: str
     cpl: int
-    mode: str                            # "cpl3-poll" (PVM) or "cpl0"
+    mode: str                            # "cpl3-poll" (PVM) or "cpl0-irq" (VMX/SVM)
     exits: int                           # userspace exits from KVM_RUN
     mailbox: bytes
 
@@ -120,6 +121,12 @@ class KvmVm:
                 api.ioctl(self.vm, api.IOEVENTFD, api.IoEventFd(
                     datamatch=ev.datamatch or 0, addr=ev.addr, len=ev.size, fd=ev.fd,
                     flags=flags))
+            if not self.user_mode:
+                # CPL0 mode takes interrupts: the in-kernel PIC/IOAPIC/LAPIC, and each
+                # device's interrupt eventfd wired to its GSI (an IOAPIC pin) by irqfd
+                api.ioctl(self.vm, api.CREATE_IRQCHIP, 0)
+                for slot in payload_devices(machine):
+                    api.ioctl(self.vm, api.IRQFD, api.IrqFd(fd=slot.irq.fd, gsi=slot.irq.gsi))
             self.vcpu = api.ioctl(self.vm, api.CREATE_VCPU, 0)
             self.fds.append(self.vcpu)
             self.run_mm, self.run = api.map_run(self.kvm, self.vcpu)
@@ -186,6 +193,8 @@ class KvmVm:
                                     s.device.model.device_id, s.base)
         struct.pack_into("<QQQ", mb, MB_OFF_HEAP, HEAP, heap_size, tsc_khz())
         struct.pack_into("<8Q", mb, MB_OFF_ARGS, *(list(args) + [0] * 8)[:8])
+        for i, s in enumerate(devs):
+            mb[MB_OFF_GSI + i] = s.irq.gsi
         mem.write(MAILBOX, bytes(mb))
 
     def _set_registers(self) -> None:
@@ -215,7 +224,7 @@ class KvmVm:
         r.rip = PAYLOAD
         r.rsp = STACKS + STACK_SIZE - 8      # as after a call: aligned for the C ABI
         r.rdi = MAILBOX
-        r.rflags = 0x2                       # interrupts off: the payload polls
+        r.rflags = 0x2                       # interrupts off (CPL0 mode turns them on)
         api.ioctl(self.vcpu, api.SET_REGS, r)
 
     # -- running ------------------------------------------------------------------------------
@@ -224,6 +233,8 @@ class KvmVm:
         """Run the payload's `test` until it reports on the exit port; raises GuestFailed
         on a triple fault, an emulation failure or the deadline."""
         self._write_tables(payload)
+        if not self.user_mode:
+            flags |= 4                       # interrupts and hlt (payload/rt.h)
         self._write_mailbox(test, args or [], flags)
         self._set_registers()
         result: dict[str, Any] = {}
@@ -245,7 +256,7 @@ class KvmVm:
         mb = self.machine.mem.read(MAILBOX, 4096)
         cpl = struct.unpack_from("<I", mb, MB_OFF_STATUS + 4)[0]
         return RunResult(result["status"], self.console.decode(errors="replace"), cpl,
-                         "cpl3-poll" if self.user_mode else "cpl0", self.exits, mb)
+                         "cpl3-poll" if self.user_mode else "cpl0-irq", self.exits, mb)
 
     def _regs_rip(self) -> int:
         r = api.Regs()
@@ -338,8 +349,8 @@ def device_results(r: RunResult, machine: Machine) -> list[dict[str, Any]]:
 
 
 def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
-                 test: str = "selftest", seed: int = 0,
-                 packed: bool = False) -> tuple[RunResult, list[dict[str, Any]]]:
+                 test: str = "selftest", seed: int = 0, packed: bool = False,
+                 user_mode: bool | None = None) -> tuple[RunResult, list[dict[str, Any]]]:
     """Boot the payload on `machine` and run its self-test (or the `pattern` data check),
     on split rings or, with `packed`, packed ones (EVENT_IDX negotiated either way)."""
     from alacrity.kvm.payload.build import build
@@ -350,7 +361,7 @@ def run_selftest(machine: Machine, *, sectors: int = 64, deadline: float = 60.0,
         if name not in supported:
             raise NotImplementedError(f"{name} has no driver in the KVM payload yet "
                                       f"(have: {', '.join(sorted(supported))})")
-    vm = KvmVm(machine)
+    vm = KvmVm(machine, user_mode=user_mode)
     try:
         r = vm.boot(build(), test, [seed, 0, sectors], flags=2 | int(packed),
                     deadline=deadline)

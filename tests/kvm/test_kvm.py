@@ -122,6 +122,31 @@ def test_venet_frames_through_loopback():
         m.close()
 
 
+def test_cpl0_mode_takes_interrupts_and_halts(tmp_path):
+    """The VMX/SVM path: CPL0, the in-kernel irqchip, irqfd per device, an IDT, the
+    IOAPIC routing each pin, `sti; hlt` while waiting. On PVM it runs too (emulated)."""
+    from alacrity.devices.net import LoopbackBackend, NetCore
+    from alacrity.kvm.vm import MB_OFF_RESULTS
+    from alacrity.virtio.net import VirtioNet
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    m = Machine(64 << 20)
+    try:
+        dev = m.add_virtio_mmio(VirtioBlk(BlockCore(m.own(open_backend(str(img))))))
+        core = NetCore(LoopbackBackend())
+        m.add_virtio_mmio(VirtioNet(core))
+        r, devices = run_selftest(m, test="pattern", seed=2, sectors=16, user_mode=False,
+                                  deadline=120)
+        assert (r.status, r.mode, r.cpl) == (0, "cpl0-irq", 0), r.console
+        assert [d["ok"] for d in devices] == [True, True]
+        taken = int.from_bytes(r.mailbox[MB_OFF_RESULTS + 8 * 15:][:8], "little")
+        assert taken >= 1 and dev.stats[0].interrupts >= 1       # woken by interrupts
+        assert img.read_bytes()[512 * 3 + 5] == pattern(2, 3, 5)
+        assert core.counters.rx_frames == 32
+    finally:
+        m.close()
+
+
 def test_two_disks(tmp_path):
     m = Machine(64 << 20)
     try:

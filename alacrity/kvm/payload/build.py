@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = ["start.S", "rt.c", "virtio.c", "ring.c", "net.c", "vbus.c", "bench.c", "main.c"]
-HEADERS = ["rt.h", "virtio.h", "ring.h", "net.h", "vbus.h", "bench.h", "link.ld"]
+SOURCES = ["start.S", "rt.c", "virtio.c", "ring.c", "net.c", "vbus.c", "irq.c", "bench.c", "main.c"]
+HEADERS = ["rt.h", "virtio.h", "ring.h", "net.h", "vbus.h", "irq.h", "bench.h", "link.ld"]
 CFLAGS = ["-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
           "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-mgeneral-regs-only",
           "-fcf-protection=none", "-Wall", "-Werror"]

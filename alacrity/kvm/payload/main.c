@@ -6,6 +6,7 @@
 #include "ring.h"
 #include "net.h"
 #include "vbus.h"
+#include "irq.h"
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
@@ -34,8 +35,16 @@ static u32 blk_io(struct mailbox *mb, struct ring *q, struct blk_req *hdr, u8 *d
     u64 deadline = rdtsc() + timeout_cycles(mb, 5000);
     u32 written;
     int id;
-    while ((id = ring_get(q, &written)) < 0)
+    while ((id = ring_get(q, &written)) < 0) {
         if (id == -2 || rdtsc() > deadline) return 0x100;
+        if (irq_mode) {                          /* CPL0: sleep until the device says */
+            u64 seen = irq_count;
+            ring_interrupts_on(q);
+            if ((id = ring_get(q, &written)) >= 0) break;
+            irq_wait(seen);
+            ring_ack(q);
+        }
+    }
     return *status;
 }
 
@@ -48,7 +57,7 @@ static int blk_check(struct mailbox *mb, struct vdev *d, int slot, int pattern_m
     struct ring q;
     if (ring_setup(mb, d, &q, 0, 64) < 0) return -10;
     virtio_ready(d);
-    ring_no_interrupts(&q);
+    if (!irq_mode) ring_no_interrupts(&q);
     struct blk_req *hdr = heap_alloc(mb, 16, 16);
     u8 *status = heap_alloc(mb, 64, 64);
     u8 *data = heap_alloc(mb, 4096, 4096);
@@ -152,6 +161,7 @@ static int hostile(struct mailbox *mb) {
 int main(struct mailbox *mb) {
     if (mb->magic != MAILBOX_MAGIC) return 0xBAD;
     mb->cpl = current_cpl();
+    if ((mb->flags & 4) && mb->cpl == 0) irq_setup(mb);
     int rc;
     switch (mb->test) {
     case TEST_SELFTEST: rc = selftest(mb, 0); break;
@@ -211,5 +221,6 @@ int main(struct mailbox *mb) {
     default: rc = -100;
     }
     mb->status = (u32)rc;
+    mb->results[15] = irq_count;          /* interrupts taken (CPL0 mode) */
     return rc;
 }

@@ -137,3 +137,17 @@ void ring_no_interrupts(struct ring *r) {
     if (r->packed) *r->p.driver = (u32)EV_DISABLE << 16;
     else { r->s.avail[0] = 1; r->s.avail[2 + r->s.size] = 0x8000; }
 }
+
+/* CPL0 mode: ask for an interrupt at the next used buffer, then acknowledge it */
+void ring_interrupts_on(struct ring *r) {
+    if (r->packed) *r->p.driver = 0;                  /* ENABLE */
+    else if (r->event_idx) r->s.avail[2 + r->s.size] = r->s.last_used;
+    else r->s.avail[0] = 0;
+    barrier();
+}
+
+void ring_ack(struct ring *r) {
+    u64 base = r->notify - 0x050;
+    u32 status = mmio_read32(base + 0x060);            /* InterruptStatus */
+    if (status) mmio_write32(base + 0x064, status);    /* InterruptACK */
+}

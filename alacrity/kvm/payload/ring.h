@@ -31,3 +31,5 @@ int ring_get(struct ring *r, u32 *written);
 int ring_kick(struct ring *r, int always);
 /* ask for no interrupts: the payload polls */
 void ring_no_interrupts(struct ring *r);
+void ring_interrupts_on(struct ring *r);
+void ring_ack(struct ring *r);

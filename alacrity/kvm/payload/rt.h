@@ -15,7 +15,7 @@ enum { TEST_SELFTEST = 1, TEST_HOSTILE = 2, TEST_SPIN = 3, TEST_FAULT = 4, TEST_
 /* shared with alacrity/kvm/vm.py (MAILBOX): keep the two in step */
 struct mailbox {
     u32 magic, test;
-    u32 ndevices, flags;                    /* flags: bit 0 packed rings, bit 1 event_idx */
+    u32 ndevices, flags;                    /* bit 0 packed rings, bit 1 event_idx, bit 2 interrupts */
     struct { u32 kind, device_id; u64 base; } devices[MAX_DEVICES];
     u64 heap, heap_size;                    /* guest RAM the payload may use for rings, buffers */
     u64 tsc_khz;
@@ -23,6 +23,7 @@ struct mailbox {
     u64 results[16];                        /* per device: ops done, errors */
     u32 status, cpl;                        /* status: 0 ok; cpl: the privilege level we ran at */
     char message[256];
+    u8 gsi[MAX_DEVICES];                    /* each device's interrupt pin (CPL0 mode) */
 };
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }

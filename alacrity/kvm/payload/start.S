@@ -8,3 +8,30 @@ _start:
     mov $0xF4, %dx
     out %eax, %dx
 1:  jmp 1b
+
+/* The one interrupt vector the payload uses (CPL0 mode): save the registers C may
+   clobber, count the interrupt and acknowledge it at the local APIC (irq.c), return. */
+    .text
+    .globl irq_entry
+irq_entry:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    cld
+    call irq_handler
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
