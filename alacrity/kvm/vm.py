@@ -102,7 +102,11 @@ class KvmVm:
 
     def __init__(self, machine: Machine, *, user_mode: bool | None = None):
         self.machine = machine
-        self.user_mode = api.pvm_host() if user_mode is None else user_mode
+        if user_mode is None:
+            # ALACRITY_KVM_MODE=cpl0|cpl3 overrides the choice (tests, experiments)
+            forced = os.environ.get("ALACRITY_KVM_MODE", "")
+            user_mode = {"cpl0": False, "cpl3": True}.get(forced, api.pvm_host())
+        self.user_mode = user_mode
         self.kvm = api.open_kvm()
         self.fds: list[int] = []
         try:

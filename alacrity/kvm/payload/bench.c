@@ -9,6 +9,7 @@
 #include "ring.h"
 #include "net.h"
 #include "vbus.h"
+#include "irq.h"
 
 static void mark(u32 what) { outl(MARK_PORT, what); }
 
@@ -64,9 +65,10 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
     if (ring_setup(mb, d, &q, 0, (u16)qsize) < 0) return -21;
     if (3 * depth > q.size) return -22;
     virtio_ready(d);
-    /* we poll: ask for no interrupts (flag without EVENT_IDX; used_event far ahead with
-       it), except in `always`, where nothing is suppressed on either side */
-    if (!always) ring_no_interrupts(&q);
+    /* we poll (CPL3, or `poll`): ask for no interrupts, except in `always`, where nothing
+       is suppressed on either side; in CPL0 mode we sleep on interrupts instead */
+    int sleep = irq_mode && notify != NOTIFY_POLL;
+    if (!always && !sleep) ring_no_interrupts(&q);
     struct blk_req *hdr = heap_alloc(mb, 16 * depth, 64);
     u8 *status = heap_alloc(mb, 64 * depth, 64);
     u8 *data = heap_alloc(mb, bs * depth, 4096);
@@ -102,6 +104,13 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
             if (w.done && !inflight) break;
             now = rdtsc();
             if (w.measuring && now >= w.t_end) goto window;
+            if (sleep) {                     /* CPL0: halt until the completion interrupt */
+                u64 seen = irq_count;
+                ring_interrupts_on(&q);
+                if (ring_pending(&q)) continue;
+                irq_wait(seen);
+                ring_ack(&q);
+            }
             continue;
         }
         /* take everything that is there before kicking once */
@@ -169,7 +178,8 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     u64 pingpong = mb->args[0], size = mb->args[1], notify = mb->args[2];
     int always = notify == NOTIFY_ALWAYS;
     if (size < 60 || size > 1514) return -40;
-    if (!always) { net_quiet(a); net_quiet(b); }
+    int sleep = irq_mode && notify != NOTIFY_POLL && !a->ve;   /* venet: polled always */
+    if (!always && !sleep) { net_quiet(a); net_quiet(b); }
     u8 frame[1514];
     for (u32 i = 0; i < size; i++) frame[i] = (u8)(i * 7);
     memset(frame, 0xFF, 6);
@@ -212,6 +222,16 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
                               always, &kicks, &suppressed);
             if (g2 < 0) return g2;
             if (g2 && w.measuring) { record(mb, rdtsc() - t_op); ops++; }
+        }
+        if (sleep && !got && !added && (sent != received || back_sent != back_received)) {
+            /* CPL0: halt until a frame's interrupt (rx of whichever device waits) */
+            struct net *waiting = sent != received ? b : a;
+            u64 seen = irq_count;
+            ring_interrupts_on(&waiting->rx);
+            if (!ring_pending(&waiting->rx)) {
+                irq_wait(seen);
+                ring_ack(&waiting->rx);
+            }
         }
         now = rdtsc();
         window_check(&w, now, &kicks, &suppressed);

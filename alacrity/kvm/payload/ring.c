@@ -151,3 +151,13 @@ void ring_ack(struct ring *r) {
     u32 status = mmio_read32(base + 0x060);            /* InterruptStatus */
     if (status) mmio_write32(base + 0x064, status);    /* InterruptACK */
 }
+
+/* is a used buffer waiting? (without taking it) */
+int ring_pending(struct ring *r) {
+    if (r->packed) {
+        u16 f = r->p.desc[r->p.next_used].flags;
+        u8 avail = (f & PF_AVAIL) != 0, used = (f & PF_USED) != 0;
+        return avail == used && used == r->p.used_wrap;
+    }
+    return (u16)(r->s.used[0] >> 16) != r->s.last_used;
+}

@@ -33,3 +33,4 @@ int ring_kick(struct ring *r, int always);
 void ring_no_interrupts(struct ring *r);
 void ring_interrupts_on(struct ring *r);
 void ring_ack(struct ring *r);
+int ring_pending(struct ring *r);
