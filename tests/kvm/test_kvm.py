@@ -147,6 +147,29 @@ def test_cpl0_mode_takes_interrupts_and_halts(tmp_path):
         m.close()
 
 
+def test_cpl0_mode_vbus_sleeps_on_the_bus_interrupt(tmp_path):
+    from alacrity.devices.net import LoopbackBackend, NetCore
+    from alacrity.kvm.vm import MB_OFF_RESULTS
+    from alacrity.vbus.vblock import Vblock
+    from alacrity.vbus.venet import Venet
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    m = Machine(64 << 20)
+    try:
+        core = NetCore(LoopbackBackend())
+        bridge = m.add_vbus_bridge([Vblock(BlockCore(m.own(open_backend(str(img))))),
+                                    Venet(core)])
+        r, devices = run_selftest(m, test="pattern", seed=8, sectors=16, user_mode=False,
+                                  deadline=120)
+        assert (r.status, r.mode) == (0, "cpl0-irq") and "vbus: ok" in r.console
+        assert devices[0]["ok"] and devices[0]["ops"] == 3 * 2 + 32 and not bridge.broken
+        assert int.from_bytes(r.mailbox[MB_OFF_RESULTS + 8 * 15:][:8], "little") >= 1
+        assert img.read_bytes()[512 * 9 + 1] == pattern(8, 9, 1)
+        assert core.counters.rx_frames == 32
+    finally:
+        m.close()
+
+
 def test_two_disks(tmp_path):
     m = Machine(64 << 20)
     try:
@@ -327,15 +350,16 @@ def test_shootout_with_kvm_guests(tmp_path):
     assert (out / "shootout.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("abi", ["virtio-split", "vbus"])
 @pytest.mark.parametrize("what", ["blk", "net"])
-def test_bench_in_cpl0_mode_sleeps_on_interrupts(what):
+def test_bench_in_cpl0_mode_sleeps_on_interrupts(what, abi):
     """The benchmark loops of a VMX/SVM host (CPL0: halt until the device's interrupt),
     run here by asking for them (emulated on PVM, so slow: this checks the path)."""
     extra = ["--depth", "4"] if what == "blk" else ["--mode", "pingpong"]
     p = subprocess.run([sys.executable, "-m", "alacrity", "bench", what, "--guest", "kvm",
-                        "--notify", "mitigated", "--seconds", "0.5", "--warmup", "0.2",
-                        "--json", *extra], capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "ALACRITY_KVM_MODE": "cpl0"})
+                        "--abi", abi, "--notify", "mitigated", "--seconds", "0.5",
+                        "--warmup", "0.2", "--json", *extra], capture_output=True, text=True,
+                       timeout=180, env={**os.environ, "ALACRITY_KVM_MODE": "cpl0"})
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["kvm_mode"] == "cpl0-irq" and r["errors"] == 0 and r["ops"] > 10

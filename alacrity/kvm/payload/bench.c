@@ -178,7 +178,7 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
     u64 pingpong = mb->args[0], size = mb->args[1], notify = mb->args[2];
     int always = notify == NOTIFY_ALWAYS;
     if (size < 60 || size > 1514) return -40;
-    int sleep = irq_mode && notify != NOTIFY_POLL && !a->ve;   /* venet: polled always */
+    int sleep = irq_mode && notify != NOTIFY_POLL;
     if (!always && !sleep) { net_quiet(a); net_quiet(b); }
     u8 frame[1514];
     for (u32 i = 0; i < size; i++) frame[i] = (u8)(i * 7);
@@ -226,11 +226,15 @@ int bench_net(struct mailbox *mb, struct net *a, struct net *b) {
         if (sleep && !got && !added && (sent != received || back_sent != back_received)) {
             /* CPL0: halt until a frame's interrupt (rx of whichever device waits) */
             struct net *waiting = sent != received ? b : a;
-            u64 seen = irq_count;
-            ring_interrupts_on(&waiting->rx);
-            if (!ring_pending(&waiting->rx)) {
-                irq_wait(seen);
-                ring_ack(&waiting->rx);
+            if (waiting->ve) {
+                vbus_sleep(waiting->ve->b, &waiting->ve->rx, ioq_ready);
+            } else {
+                u64 seen = irq_count;
+                ring_interrupts_on(&waiting->rx);
+                if (!ring_pending(&waiting->rx)) {
+                    irq_wait(seen);
+                    ring_ack(&waiting->rx);
+                }
             }
         }
         now = rdtsc();
@@ -279,6 +283,7 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
     u64 sectors = mb->args[7];
     int always = notify == NOTIFY_ALWAYS;
     if (depth < 1 || depth > 256 || depth > v->q.count || bs > 65536 || !sectors) return -60;
+    int sleep = irq_mode && notify != NOTIFY_POLL;
     if (always) ioq_unmute(&v->q);
     struct vblock_req *req = heap_alloc(mb, 64 * depth, 64);
     u8 *data = heap_alloc(mb, bs * depth, 4096);
@@ -311,6 +316,7 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
         if (!n) {
             if (w.done && !inflight) break;
             if (w.measuring && now >= w.t_end) goto window;
+            if (sleep) vbus_sleep(b, &v->q, ioq_done);   /* CPL0: until the bus interrupt */
             continue;
         }
         for (u32 k = 0; k < n; k++) {

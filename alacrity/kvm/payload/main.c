@@ -80,8 +80,8 @@ static int blk_check(struct mailbox *mb, struct vdev *d, int slot, int pattern_m
         ops++;
         if (memcmp(data, back, 4096)) errors++;
     }
-    mb->results[2 * slot] = ops;
-    mb->results[2 * slot + 1] = errors;
+    mb->results[2 * slot] += ops;            /* several devices may share a slot (a bus) */
+    mb->results[2 * slot + 1] += errors;
     return errors ? -12 : 0;
 }
 

@@ -1,4 +1,5 @@
 #include "vbus.h"
+#include "irq.h"
 
 #define BRIDGE_MAGIC 0xBF53EEF5u
 #define HC_VERSION 1
@@ -174,7 +175,8 @@ int vbus_open(struct mailbox *mb, struct vbus *b, u64 base, u16 pio) {
         cookie[i] = i; ptr[i] = (u64)b->events + (u64)EVENT_SIZE * i; len[i] = EVENT_SIZE;
     }
     if (ioq_push(&b->eventq, cookie, ptr, len, count, 0)) return -4;
-    ioq_mute(&b->eventq);                  /* we poll the event queue */
+    if (irq_mode) ioq_unmute(&b->eventq);   /* CPL0: the bus interrupt wakes us */
+    else ioq_mute(&b->eventq);             /* we poll the event queue */
     u8 *reg = b->scratch + DATA_OFF;
     memset(reg, 0, 32);
     *(u32 *)reg = 1;
@@ -352,8 +354,10 @@ static u32 vblock_io(struct mailbox *mb, struct vblock *v, struct vblock_req *re
     if (ioq_post(&v->q, &cookie, &ptr, &rlen, 1)) return 0x101;
     ioq_inject(&v->q);
     u64 deadline = rdtsc() + mb->tsc_khz * 5000, got;
-    while (!ioq_reap(&v->q, &got, 1))
+    while (!ioq_reap(&v->q, &got, 1)) {
         if (rdtsc() > deadline) return 0x100;
+        if (irq_mode) vbus_sleep(v->b, &v->q, ioq_done);
+    }
     return req->status;
 }
 
@@ -377,7 +381,41 @@ int vblock_selftest(struct mailbox *mb, struct vblock *v, int slot, int pattern_
         ops += 3;
         if (memcmp(data, back, 4096)) errors++;
     }
-    mb->results[2 * slot] = ops;
-    mb->results[2 * slot + 1] = errors;
+    mb->results[2 * slot] += ops;            /* several devices may share a slot (a bus) */
+    mb->results[2 * slot + 1] += errors;
     return errors ? -21 : 0;
+}
+
+/* CPL0 mode: halt until the bus interrupt says something happened on `q`. First
+   acknowledge what came before, in shared memory as shm-signal's wakeup does: take the
+   events (their buffers go back), clear dirty and pending on the event queue's signal and
+   on q's, so the next signal crosses again; then look once more and halt. A signal that
+   lands after the acknowledgement finds pending clear and interrupts us. */
+void vbus_sleep(struct vbus *b, struct ioq *q, int (*ready)(struct ioq *)) {
+    volatile u8 *mine = q->r->signal.irq[NORTH];
+    volatile u8 *bus = b->eventq.r->signal.irq[NORTH];
+    mine[0] = 1;                                   /* enabled */
+    mine[2] = 0;                                   /* dirty */
+    bus[2] = 0;
+    barrier();
+    vbus_take_events(b);
+    bus[1] = 0;                                    /* pending: acknowledged */
+    mine[1] = 0;
+    barrier();
+    u64 seen = irq_count;
+    if (!ready(q)) irq_wait(seen);
+}
+
+int ioq_done(struct ioq *q) {
+    volatile struct ioq_ring *r = q->r;
+    volatile struct ioq_idx *v = &r->idx[0];
+    u32 pos = v->head;
+    return pos < q->count && idx_used(v, q->count) && r->ring[pos].sown == NORTH;
+}
+
+int ioq_ready(struct ioq *q) {
+    volatile struct ioq_ring *r = q->r;
+    volatile struct ioq_idx *u = &r->idx[1];
+    u32 pos = u->head;
+    return pos < q->count && idx_used(u, q->count) && r->ring[pos].sown == NORTH;
 }

@@ -66,6 +66,9 @@ int ioq_inject(struct ioq *q);
 void ioq_mute(struct ioq *q);              /* our own signal off: we poll */
 void ioq_unmute(struct ioq *q);
 void vbus_take_events(struct vbus *b);
+void vbus_sleep(struct vbus *b, struct ioq *q, int (*ready)(struct ioq *));
+int ioq_done(struct ioq *q);      /* a finished request at the valid head */
+int ioq_ready(struct ioq *q);     /* a filled buffer at the inuse head */
 int venet_open(struct mailbox *mb, struct vbus *b, struct venet *v, u32 devid, u32 qsize,
                int always);
 int venet_send(struct venet *v, const u8 *frame, u32 len);     /* staged until the kick */
