@@ -179,6 +179,9 @@ class KvmVm:
             mem.write(pdpt + 8 * g, struct.pack("<Q", pd | 0x7))
             mem.write(pd, b"".join(struct.pack("<Q", ((g << 30) + (i << 21)) | 0x87)
                                    for i in range(512)))
+        # the payload's .bss is not in the binary: zero its whole area (a VM booted
+        # earlier on the same machine left its own image there)
+        mem.write(PAYLOAD, bytes(HEAP - PAYLOAD))
         mem.write(PAYLOAD, payload)
 
     def _write_mailbox(self, test: str, args: list[int], flags: int) -> None:
