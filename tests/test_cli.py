@@ -58,7 +58,7 @@ def test_bench_blk_on_a_file_with_a_table(tmp_path):
     (["--abi", "vbus", "--depth", "300"], "--depth"),
     (["--abi", "virtio-packed", "--depth", "100"], "--depth"),
     (["--guest", "xen"], "--guest"),
-    (["--guest", "kvm", "--rw", "randread"], "--guest kvm --rw"),
+    (["--guest", "kvm", "--bs", "131072"], "--guest kvm"),
     (["--seconds", "-1"], "--seconds"),
     (["--image", "/nonexistent/disk.img"], "no such file"),
     (["--queue-size", "100"], "--queue-size"),

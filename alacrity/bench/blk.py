@@ -192,8 +192,6 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
     why = api.usable()
     if why:
         raise ConfigError(f"--guest kvm: {why}")
-    if cfg.rw not in ("read", "write"):
-        raise ConfigError(f"--guest kvm --rw {cfg.rw}: sequential read or write only, for now")
     if cfg.bs > 65536 or cfg.depth > 256:
         raise ConfigError("--guest kvm: --bs up to 65536 and --depth up to 256")
     notify = Notify(cfg.notify)
@@ -215,7 +213,8 @@ def _run_kvm(cfg: BlkBench, tick: Callable[[float], None] | None) -> dict[str, A
         vm.on_mark = lambda name: marks.__setitem__(
             name, {"queue": signals(), "exits": vm.exits, "io_wakeups": 0})
         mode = {Notify.ALWAYS: 0, Notify.MITIGATED: 1, Notify.POLL: 2}[notify]
-        args = [cfg.depth, cfg.bs, int(write), mode, int(cfg.warmup * 1000),
+        args = [cfg.depth, cfg.bs, int(write) | (2 if cfg.rw.startswith("rand") else 0), mode,
+                int(cfg.warmup * 1000),
                 int(cfg.seconds * 1000), cfg.queue_size, backend.capacity // SECTOR]
         total = cfg.warmup + cfg.seconds
         stop = ticker(tick, total)

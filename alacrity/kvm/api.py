@@ -216,6 +216,34 @@ def run(vcpu_fd: int) -> int:
     return r
 
 
+def set_gsi_routing(vm_fd: int, entries: list[RoutingEntry]) -> None:
+    """KVM_SET_GSI_ROUTING: the whole table at once (a header, then the entries)."""
+    buf = (ctypes.c_char * (ctypes.sizeof(RoutingHeader)
+                            + ctypes.sizeof(RoutingEntry) * len(entries)))()
+    RoutingHeader.from_buffer(buf).nr = len(entries)
+    for i, e in enumerate(entries):
+        ctypes.memmove(ctypes.addressof(buf) + ctypes.sizeof(RoutingHeader)
+                       + i * ctypes.sizeof(RoutingEntry), ctypes.addressof(e),
+                       ctypes.sizeof(RoutingEntry))
+    ioctl(vm_fd, SET_GSI_ROUTING, buf)
+
+
+def irqchip_route(gsi: int, chip: int, pin: int) -> RoutingEntry:
+    """A GSI to a pin of the in-kernel PIC (chip 0, 1) or IOAPIC (chip 2)."""
+    e = RoutingEntry(gsi=gsi, type=IRQ_ROUTING_IRQCHIP)
+    e.u.irqchip.irqchip = chip
+    e.u.irqchip.pin = pin
+    return e
+
+
+def msi_route(gsi: int, address: int, data: int) -> RoutingEntry:
+    e = RoutingEntry(gsi=gsi, type=IRQ_ROUTING_MSI)
+    e.u.msi.address_lo = address & 0xFFFFFFFF
+    e.u.msi.address_hi = address >> 32
+    e.u.msi.data = data
+    return e
+
+
 def open_kvm() -> int:
     """/dev/kvm, checked: API version 12."""
     try:

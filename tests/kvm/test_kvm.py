@@ -52,6 +52,29 @@ def test_ioctl_errors_name_the_ioctl():
         os.close(kvm)
 
 
+def test_irqchip_gsi_routing_and_msi():
+    """The interrupt ioctls a VMX/SVM guest with MSI would use: routing a GSI to an
+    IOAPIC pin and another to an MSI, an irqfd on it, and KVM_SIGNAL_MSI."""
+    kvm = api.open_kvm()
+    vm = api.ioctl(kvm, api.CREATE_VM, 0)
+    efd = os.eventfd(0)
+    try:
+        assert api.ioctl(kvm, api.CHECK_EXTENSION, api.CAP_IRQCHIP) > 0
+        api.ioctl(vm, api.CREATE_IRQCHIP, 0)
+        api.set_gsi_routing(vm, [api.irqchip_route(5, 2, 5),
+                                 api.msi_route(24, 0xFEE00000, 0x31)])
+        api.ioctl(vm, api.IRQFD, api.IrqFd(fd=efd, gsi=24))
+        vcpu = api.ioctl(vm, api.CREATE_VCPU, 0)      # an MSI needs someone to deliver to
+        assert api.ioctl(vm, api.SIGNAL_MSI, api.Msi(address_lo=0xFEE00000, data=0x31)) >= 0
+        os.close(vcpu)
+        with pytest.raises(api.KvmError, match="KVM_SET_GSI_ROUTING"):
+            api.set_gsi_routing(vm, [api.irqchip_route(1 << 30, 2, 99)])
+    finally:
+        os.close(efd)
+        os.close(vm)
+        os.close(kvm)
+
+
 def test_payload_build_is_cached():
     a = build()
     assert a == build() and len(a) > 1000
@@ -274,14 +297,15 @@ def test_alacrity_run_guest_kvm(tmp_path):
 
 
 @pytest.mark.parametrize("abi", ["virtio-split", "virtio-packed", "vbus"])
-@pytest.mark.parametrize("notify,depth", [("always", 1), ("mitigated", 8), ("poll", 1)])
-def test_bench_blk_guest_kvm(notify, depth, abi, tmp_path):
+@pytest.mark.parametrize("notify,depth,rw", [("always", 1, "write"), ("mitigated", 8, "randwrite"),
+                                            ("poll", 1, "randread")])
+def test_bench_blk_guest_kvm(notify, depth, rw, abi, tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(4 << 20))
     p = subprocess.run([sys.executable, "-m", "alacrity", "bench", "blk", "--guest", "kvm",
                         "--abi", abi, "--notify", notify, "--depth", str(depth),
                         "--seconds", "0.5",
-                        "--warmup", "0.2", "--image", str(img), "--rw", "write", "--json"],
+                        "--warmup", "0.2", "--image", str(img), "--rw", rw, "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
@@ -305,7 +329,7 @@ def test_bench_blk_guest_kvm(notify, depth, abi, tmp_path):
 
 def test_bench_guest_kvm_bad_input():
     p = subprocess.run([sys.executable, "-m", "alacrity", "bench", "blk", "--guest", "kvm",
-                        "--rw", "randwrite"], capture_output=True, text=True, timeout=60)
+                        "--bs", "131072"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
 
 

@@ -56,8 +56,26 @@ static int window_results(struct mailbox *mb, struct window *w, u64 ops, u64 err
     return 0;
 }
 
+/* where the next request goes: sequential, or uniformly random over the disk (xorshift),
+   bs-aligned, as bench/limits.block_offsets lays them out for the Python guests */
+struct picker { u64 blocks, step, k, x; int random; };
+
+static void picker_init(struct picker *p, u64 sectors, u64 bs, int random) {
+    p->step = bs / 512;
+    p->blocks = sectors / p->step ? sectors / p->step : 1;
+    p->k = 0;
+    p->x = 0x9E3779B97F4A7C15ul;
+    p->random = random;
+}
+
+static u64 pick(struct picker *p) {
+    if (!p->random) return (p->k++ % p->blocks) * p->step;
+    p->x ^= p->x << 13; p->x ^= p->x >> 7; p->x ^= p->x << 17;
+    return (p->x % p->blocks) * p->step;
+}
+
 int bench_blk(struct mailbox *mb, struct vdev *d) {
-    u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2], notify = mb->args[3];
+    u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2] & 1, notify = mb->args[3];
     u64 qsize = mb->args[6], sectors = mb->args[7];
     int always = notify == NOTIFY_ALWAYS;
     struct ring q;
@@ -75,8 +93,10 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
     u64 *t_sub = heap_alloc(mb, 8 * depth, 8);
     u64 *token = heap_alloc(mb, 8 * 1024, 8);      /* head -> slot */
     if (!hdr || !status || !data || !t_sub || !token) return -23;
-    u64 span = sectors - bs / 512, ops = 0, errors = 0, kicks = 0, suppressed = 0;
-    u64 next_sector = 0;
+    u64 ops = 0, errors = 0, kicks = 0, suppressed = 0;
+    struct picker pk;
+    picker_init(&pk, sectors, bs, (mb->args[2] >> 1) & 1);
+    u64 next_sector = pick(&pk);
     u32 type = write ? 1 : 0;
     int inflight = 0;
     struct window w;
@@ -85,7 +105,7 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
     for (u64 s = 0; s < depth; s++) {
         struct blk_req *h = &hdr[s];
         h->type = type; h->reserved = 0; h->sector = next_sector;
-        next_sector = (next_sector + bs / 512) % (span + 1);
+        next_sector = pick(&pk);
         status[64 * s] = 0xFF;
         u64 addr[3] = {(u64)h, (u64)data + bs * s, (u64)&status[64 * s]};
         u32 lens[3] = {16, (u32)bs, 1};
@@ -123,7 +143,7 @@ int bench_blk(struct mailbox *mb, struct vdev *d) {
             if (!w.done) {
                 struct blk_req *h = &hdr[s];
                 h->sector = next_sector;
-                next_sector = (next_sector + bs / 512) % (span + 1);
+                next_sector = pick(&pk);
                 status[64 * s] = 0xFF;
                 u64 addr[3] = {(u64)h, (u64)data + bs * s, (u64)&status[64 * s]};
                 u32 lens[3] = {16, (u32)bs, 1};
@@ -279,7 +299,7 @@ int limit_shm(struct mailbox *mb) {
    inject in `always`). In `always` our own signal stays enabled, so completions travel as
    SHMSIGNAL events we take from the event queue; otherwise we poll. */
 int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
-    u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2], notify = mb->args[3];
+    u64 depth = mb->args[0], bs = mb->args[1], write = mb->args[2] & 1, notify = mb->args[3];
     u64 sectors = mb->args[7];
     int always = notify == NOTIFY_ALWAYS;
     if (depth < 1 || depth > 256 || depth > v->q.count || bs > 65536 || !sectors) return -60;
@@ -291,7 +311,10 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
     u64 *cookies = heap_alloc(mb, 8 * depth, 8), *ptrs = heap_alloc(mb, 8 * depth, 8);
     u64 *lens = heap_alloc(mb, 8 * depth, 8), *finished = heap_alloc(mb, 8 * depth, 8);
     if (!req || !data || !t_sub || !cookies || !ptrs || !lens || !finished) return -61;
-    u64 span = sectors - bs / 512, next_sector = 0, ops = 0, errors = 0, kicks = 0, suppressed = 0;
+    u64 ops = 0, errors = 0, kicks = 0, suppressed = 0;
+    struct picker pk;
+    picker_init(&pk, sectors, bs, (mb->args[2] >> 1) & 1);
+    u64 next_sector = pick(&pk);
     u32 type = write ? 1 : 0, staged = 0;
     int inflight = 0;
     struct window w;
@@ -301,7 +324,7 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
         struct vblock_req *r = (struct vblock_req *)((u8 *)req + 64 * s);
         r->type = type; r->status = 0xFF; r->sector = next_sector; r->count = 1;
         r->iov[0].len = (u32)bs; r->iov[0].ptr = (u64)data + bs * s;
-        next_sector = (next_sector + bs / 512) % (span + 1);
+        next_sector = pick(&pk);
         cookies[staged] = s; ptrs[staged] = (u64)r; lens[staged] = 40; staged++;
         t_sub[s] = now;
         inflight++;
@@ -328,7 +351,7 @@ int bench_vblock(struct mailbox *mb, struct vbus *b, struct vblock *v) {
             if (w.measuring) { record(mb, now - t_sub[s]); ops++; }
             if (!w.done) {
                 r->status = 0xFF; r->sector = next_sector;
-                next_sector = (next_sector + bs / 512) % (span + 1);
+                next_sector = pick(&pk);
                 cookies[staged] = s; ptrs[staged] = (u64)r; lens[staged] = 40; staged++;
                 t_sub[s] = now;
                 inflight++;
