@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from alacrity.bus import QueueStats
 from alacrity.errors import DeviceError
-from alacrity.guest.access import wait_fd
-from alacrity.guest.drivers.virtio_mmio import make_driver_queue
+from alacrity.guest.drivers.virtio_mmio import Signals, make_driver_queue
 from alacrity.memory import Allocator, GuestMemory
 from alacrity.virtio import spec
 from alacrity.vhost_user import protocol as P
@@ -116,7 +115,7 @@ class VhostUserGuest:
         self.mem.close()
 
 
-class VhostUserTransport:
+class VhostUserTransport(Signals):
     """The driver-facing transport over a vhost-user connection."""
 
     def __init__(self, machine: VhostUserGuest, device: dict[str, Any]):
@@ -230,25 +229,9 @@ class VhostUserTransport:
     def device_status(self) -> int:
         return 0
 
-    # -- signals -----------------------------------------------------------------------------
-    def kick(self, qi: int, force: bool = False) -> bool:
-        q = self.queues[qi]
-        stats = self.stats[qi]
-        if q.kick_prepare() or force:
-            os.eventfd_write(self.kick_fds[qi], 1)
-            stats.doorbells += 1
-            return True
-        stats.doorbells_suppressed += 1
-        return False
-
-    def wait_interrupt(self, timeout: float | None = None) -> bool:
-        if not wait_fd(self.irq_fd, timeout):
-            return False
-        try:
-            self.interrupts += os.eventfd_read(self.irq_fd)
-        except BlockingIOError:
-            pass
-        return True
+    # -- signals (kick and wait_interrupt: Signals) ---------------------------------------------
+    def notify(self, qi: int) -> None:
+        os.eventfd_write(self.kick_fds[qi], 1)
 
     def ack_interrupt(self) -> int:
         """vhost-user has no interrupt status: nothing to read or acknowledge."""

@@ -17,7 +17,43 @@ from alacrity.virtio.packed import ring_sizes as packed_sizes
 from alacrity.virtio.split import SplitDriverQueue, ring_sizes
 
 
-class MmioTransport:
+class Signals:
+    """Doorbells and interrupts as every driver transport does them (virtio-mmio, a
+    vhost-user connection): needs `queues`, `stats`, `irq_fd`, `interrupts` and
+    `notify(qi)`."""
+
+    queues: dict[int, Any]
+    stats: dict[int, Any]
+    irq_fd: int
+    interrupts: int
+
+    def notify(self, qi: int) -> None:
+        raise NotImplementedError
+
+    def kick(self, qi: int, force: bool = False) -> bool:
+        """Publish queue qi's new buffers; ring the doorbell if the device asked for it (or
+        always, with force). Counts doorbells sent and suppressed. Returns True if rung."""
+        q = self.queues[qi]
+        stats = self.stats[qi]
+        if q.kick_prepare() or force:
+            self.notify(qi)
+            stats.doorbells += 1
+            return True
+        stats.doorbells_suppressed += 1
+        return False
+
+    def wait_interrupt(self, timeout: float | None = None) -> bool:
+        """Sleep until the interrupt eventfd fires. Returns False on timeout."""
+        if not wait_fd(self.irq_fd, timeout):
+            return False
+        try:
+            self.interrupts += os.eventfd_read(self.irq_fd)
+        except BlockingIOError:
+            pass
+        return True
+
+
+class MmioTransport(Signals):
     def __init__(self, machine: Any, device: dict[str, Any]):
         self.m = machine
         self.base = device["base"]
@@ -138,28 +174,6 @@ class MmioTransport:
             os.eventfd_write(fd, 1)
         else:
             self.w(R.R_QUEUE_NOTIFY, qi)
-
-    def kick(self, qi: int, force: bool = False) -> bool:
-        """Publish queue qi's new buffers; ring the doorbell if the device asked for it (or
-        always, with force). Counts doorbells sent and suppressed. Returns True if rung."""
-        q = self.queues[qi]
-        stats = self.stats[qi]
-        if q.kick_prepare() or force:
-            self.notify(qi)
-            stats.doorbells += 1
-            return True
-        stats.doorbells_suppressed += 1
-        return False
-
-    def wait_interrupt(self, timeout: float | None = None) -> bool:
-        """Sleep until the interrupt eventfd fires. Returns False on timeout."""
-        if not wait_fd(self.irq_fd, timeout):
-            return False
-        try:
-            self.interrupts += os.eventfd_read(self.irq_fd)
-        except BlockingIOError:
-            pass
-        return True
 
     def ack_interrupt(self) -> int:
         """Read InterruptStatus and acknowledge it (two exits, as on real virtio-mmio).
