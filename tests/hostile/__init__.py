@@ -1,0 +1,1 @@
+"""Hostile guests and lost writes (issue 8)."""
