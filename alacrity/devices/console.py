@@ -188,7 +188,7 @@ class ConsoleCore:
         self.on_rx: Callable[[], None] = lambda: None
         backend.attach(self.input)
 
-    def output(self, data: bytes) -> None:
+    def output(self, data: bytes | memoryview) -> None:
         self.out_bytes += len(data)
         self.backend.write(data)
 

@@ -57,7 +57,7 @@ class VirtQueue:
                  after: Callable[[], None] | None = None, kick: Callable[[], bool] | None = None,
                  budget: int = 8, limit: Callable[[], int] | None = None,
                  poll_hook: Callable[[], bool] | None = None,
-                 copier: tuple[int, Callable[[list[bytes]], None]] | None = None):
+                 copier: tuple[int, int, Callable[[list[bytes]], None]] | None = None):
         self.index = index
         self.ring = ring
         self.stats = stats
@@ -69,9 +69,10 @@ class VirtQueue:
         self.budget = budget         # chains per pass before other work gets a turn
         self.limit = limit           # chains the device can take now (backpressure), if any
         self.poll_hook = poll_hook or kick   # a device-driven queue's busy-poll pass
-        # (skip, consume): requests that are one readable buffer are copied out by the ring
-        # (`take_copies`) and handed over as bytes, without Chain objects; others go to the
-        # handler as usual. Only for rings that have the fast path.
+        # (skip, longest, consume): requests that are one readable buffer of at most
+        # `longest` bytes are copied out by the ring (`take_copies`) and handed over as
+        # bytes, without Chain objects; others go to the handler as usual. Only for rings
+        # that have the fast path.
         self.copier = copier if hasattr(ring, "take_copies") else None
 
     def _pass(self, budget: int) -> bool:
@@ -79,8 +80,8 @@ class VirtQueue:
         ring = self.ring
         n = 0
         if self.copier is not None:
-            skip, consume = self.copier
-            heads, copies = ring.take_copies(budget, skip)
+            skip, longest, consume = self.copier
+            heads, copies = ring.take_copies(budget, skip, longest)
             if heads:
                 consume(copies)
                 ring.push_heads(heads)
@@ -191,10 +192,10 @@ class VirtioDevice:
         """How many chains queue `index` may take right now (backpressure), if it can block."""
         return None
 
-    def copier(self, index: int) -> tuple[int, Callable[[list[bytes]], None]] | None:
+    def copier(self, index: int) -> tuple[int, int, Callable[[list[bytes]], None]] | None:
         """For a queue whose requests are each one device-readable buffer the device only
-        copies (net tx): (bytes to skip, a function taking the copies in order). Requests
-        of any other shape still go to handler()."""
+        copies (net tx): (bytes to skip, the longest buffer to copy, a function taking the
+        copies in order). Requests of any other shape or size still go to handler()."""
         return None
 
     def poller(self, index: int) -> Callable[[], bool] | None:

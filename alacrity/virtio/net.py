@@ -93,8 +93,10 @@ class VirtioNet(VirtioDevice):
         return self.handle_tx if index == TX else None
 
     def copier(self, index: int) -> tuple[int, Callable[[list[bytes]], None]] | None:
-        # a frame in one buffer (what DPDK, Linux and our drivers send): copied by the ring
-        return (VNET_HDR_LEN, self._take_frames) if index == TX else None
+        # a frame in one buffer (what DPDK, Linux and our drivers send): copied by the ring,
+        # at most header + MTU frame; anything longer goes to handle_tx, which drops it
+        return ((VNET_HDR_LEN, VNET_HDR_LEN + self.core.max_frame, self._take_frames)
+                if index == TX else None)
 
     def _take_frames(self, frames: list[bytes]) -> None:
         self._tx += frames
@@ -155,6 +157,10 @@ class VirtioNet(VirtioDevice):
         r = c.readable
         if c.writable or c.read_len < VNET_HDR_LEN:
             self.core.counters.tx_malformed += 1
+            return 0
+        if c.read_len > VNET_HDR_LEN + self.core.max_frame:
+            # checked before the copy: a guest's huge buffer is its error, not our memory
+            self.core.counters.tx_dropped += 1
             return 0
         if len(r) == 1:
             self._tx.append(bytes(r[0][VNET_HDR_LEN:]))

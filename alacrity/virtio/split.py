@@ -167,11 +167,12 @@ class SplitQueue:
         self.last_avail = (last + n) & 0xFFFF
         return chains
 
-    def take_copies(self, limit: int, skip: int) -> tuple[list[int], list[bytes]]:
+    def take_copies(self, limit: int, skip: int, longest: int) -> tuple[list[int], list[bytes]]:
         """The fast path of queues whose requests are one device-readable buffer each (frames
         to transmit): (heads to complete, a copy of each buffer after its first `skip`
         bytes), in one pass and without Chain objects. Stops at the first chain that is
-        anything else, or shorter than `skip`; pop() takes that one. The checks are pop()'s."""
+        anything else, shorter than `skip` or longer than `longest` (nothing is copied
+        before its length is checked); pop() takes that one. The checks are pop()'s."""
         avail = self._avail16
         last = self.last_avail
         n = self._available(limit)
@@ -191,7 +192,7 @@ class SplitQueue:
             if head >= size:
                 raise GuestError(f"available ring names descriptor {head} (queue size {size})")
             addr, length, flags, _ = unpack(desc, head << 4)
-            if flags or length < skip:
+            if flags or length < skip or length > longest:
                 break
             off = addr - base
             if off >= 0 and off + length <= rsize:

@@ -1,0 +1,67 @@
+"""What a guest hands us is copied only after its size was checked: a huge transmit buffer
+is the guest's error (dropped and counted), never a host allocation of its size."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from alacrity.bus import IrqLine
+from alacrity.devices.console import ConsoleCore, FileChar
+from alacrity.devices.net import LoopbackBackend, NetCore
+from alacrity.memory import GuestMemory
+from alacrity.virtio import spec
+from alacrity.virtio.console import VirtioConsole
+from alacrity.virtio.mmio import VirtioMmioDevice
+from alacrity.virtio.net import VirtioNet
+from tests.helpers import RawRing, mmio_bring_up
+
+MiB = 1 << 20
+HUGE = 24 * MiB
+
+
+def serve_tx(model, qi: int, lens: list[int], tmp_path=None):
+    """A guest that offers one device-readable buffer per length on queue qi; returns the
+    device and the peak of Python allocations while the device served them."""
+    mem = GuestMemory.create([(0, 32 * MiB)])
+    irq = IrqLine(5)
+    dev = VirtioMmioDevice(model, mem, irq)
+    rings = [RawRing(mem, 8, base=0x10000 + 0x2000 * i) for i in range(model.num_queues)]
+    mmio_bring_up(dev, spec.bit(spec.F_VERSION_1),
+                  [(8, r.desc, r.avail, r.used) for r in rings])
+    r = rings[qi]
+    for i, n in enumerate(lens):
+        r.set_desc(i, 0x100000, n)
+        r.make_available(i)
+    tracemalloc.start()
+    try:
+        dev.notify(qi)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    used = r.used_idx()
+    irq.close()
+    mem.close()
+    return dev, peak, used
+
+
+@pytest.mark.parametrize("n", [HUGE, 12 + 1514 + 1, 64 * 1024])
+def test_virtio_net_huge_tx_buffer_is_dropped_without_a_copy(n):
+    core = NetCore(LoopbackBackend())
+    dev, peak, used = serve_tx(VirtioNet(core), 1, [n, n, 12 + 60])
+    assert not dev.broken and used == 3                    # all three completed
+    assert core.counters.tx_dropped == 2 and core.counters.tx_frames == 1
+    assert peak < 2 * MiB, f"the host allocated {peak} bytes for a guest's buffer"
+
+
+def test_virtio_console_output_is_written_from_guest_memory(tmp_path):
+    out = tmp_path / "console.out"
+    char = FileChar(str(out))
+    try:
+        dev, peak, used = serve_tx(VirtioConsole(ConsoleCore(char)), 1, [HUGE])
+    finally:
+        char.close()
+    assert not dev.broken and used == 1
+    assert out.stat().st_size == HUGE
+    assert peak < 2 * MiB, f"the host allocated {peak} bytes for a guest's buffer"
