@@ -134,7 +134,7 @@ class VirtioBlk(VirtioDevice):
             rtype, _, sector = HEADER.unpack_from(r[0])
             out = r[1:]
         elif c.read_len >= 16:
-            head = b"".join(bytes(v) for v in r)[:16]  # header split across pieces
+            head = b"".join(bytes(v[:16]) for v in r)[:16]  # header split across pieces
             rtype, _, sector = HEADER.unpack(head)
             out = _advance(r, 16)
         else:
@@ -186,12 +186,13 @@ class VirtioBlk(VirtioDevice):
         if into:
             self._bad("DISCARD/WRITE_ZEROES with device-writable data")
             return S_IOERR
+        total = sum(map(len, out))     # sizes first: copy nothing a guest made huge
+        if not total or total % SEGMENT.size:
+            self._bad(f"{total} bytes of discard/write-zeroes segments")
+            return S_IOERR
+        if total // SEGMENT.size > self.max_discard_seg:
+            return S_IOERR
         data = b"".join(bytes(v) for v in out)
-        if not data or len(data) % SEGMENT.size:
-            self._bad(f"{len(data)} bytes of discard/write-zeroes segments")
-            return S_IOERR
-        if len(data) // SEGMENT.size > self.max_discard_seg:
-            return S_IOERR
         for sector, count, flags in SEGMENT.iter_unpack(data):
             if count > self.max_discard_sectors:
                 return S_IOERR

@@ -65,3 +65,39 @@ def test_virtio_console_output_is_written_from_guest_memory(tmp_path):
     assert not dev.broken and used == 1
     assert out.stat().st_size == HUGE
     assert peak < 2 * MiB, f"the host allocated {peak} bytes for a guest's buffer"
+
+
+@pytest.mark.parametrize("rtype", [11, 13])          # DISCARD, WRITE_ZEROES
+def test_virtio_blk_huge_discard_is_refused_without_a_copy(tmp_path, rtype):
+    import struct
+
+    from alacrity.devices.block import BlockCore, FileBackend
+    from alacrity.virtio.blk import VirtioBlk
+    img = tmp_path / "disk"
+    img.write_bytes(bytes(1 << 20))
+    be = FileBackend(str(img))
+    mem = GuestMemory.create([(0, 32 * MiB)])
+    irq = IrqLine(5)
+    try:
+        dev = VirtioMmioDevice(VirtioBlk(BlockCore(be)), mem, irq)
+        r = RawRing(mem, 8)
+        mmio_bring_up(dev, spec.bit(spec.F_VERSION_1) | spec.bit(13) | spec.bit(14),
+                      [(8, r.desc, r.avail, r.used)])
+        mem.write(0x100000, struct.pack("<IIQ", rtype, 0, 0))
+        # header, a 24 MiB "segment list", the status byte
+        r.set_desc(0, 0x100000, 16, 1, 1)
+        r.set_desc(1, 0x200000, HUGE, 1, 2)
+        r.set_desc(2, 0x300, 1, 2)
+        r.make_available(0)
+        tracemalloc.start()
+        try:
+            dev.notify(0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r.used_idx() == 1 and mem.read(0x300, 1) == b"\x01"   # IOERR
+        assert peak < 2 * MiB, f"the host allocated {peak} bytes for a guest's request"
+    finally:
+        irq.close()
+        mem.close()
+        be.close()
