@@ -98,16 +98,22 @@ def _limit_marks(io: Any, mem: Any, echo: EventfdEcho, shm: list[ShmEcho],
             s.stop()
 
 
-def _limit(cfg: NetBench, g: dict[str, Any], who: str) -> dict[str, Any]:
+def _limit(cfg: NetBench, rtt_ns: float, trip: str) -> dict[str, Any]:
+    """The limit of the run: for stream, the device core alone; for pingpong, the bare
+    round trip (`rtt_ns` p50, described by `trip`), times the round trips per op."""
     if cfg.mode == "stream":
         return net_stream_limit(cfg.size, cfg.limit_seconds)
     trips = 2 if cfg.backend == "pair" else 1
-    rtt_ns = g["limit_rtt_p50_ns"] * trips
+    rtt_ns *= trips
     return {"ops_per_s": 1e9 / rtt_ns if rtt_ns else 0.0,
             "bytes_per_s": (1e9 / rtt_ns if rtt_ns else 0.0) * cfg.size,
             "lat_us": {"p50": round(rtt_ns / 1000, 3)},
-            "what": (f"{trips} x {'shared-memory' if cfg.notify == 'poll' else 'eventfd'} "
-                     f"round trip between {who}")}
+            "what": f"{trips} x {trip}"}
+
+
+def _trip(cfg: NetBench, who: str) -> str:
+    return (f"{'shared-memory' if cfg.notify == 'poll' else 'eventfd'} round trip "
+            f"between {who}")
 
 
 def _run_vhost_user(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, Any]:
@@ -151,7 +157,8 @@ def _run_vhost_user(cfg: NetBench, tick: Callable[[float], None] | None) -> dict
         guest.close()
         os.close(ping)
         os.close(pong)
-    limit = _limit(cfg, g, "the frontend and an echo process")
+    limit = _limit(cfg, g.get("limit_rtt_p50_ns", 0),
+                   _trip(cfg, "the frontend and an echo process"))
     if tick:
         tick(1.0)
     return assemble(cfg, g, marks, limit, [])
@@ -216,22 +223,15 @@ def _run_kvm(cfg: NetBench, tick: Callable[[float], None] | None) -> dict[str, A
         limit_rtt_ns = 0.0
         if cfg.mode == "pingpong":
             limit_rtt_ns = _kvm_limit(machine, payload, cfg, notify)
-            limit_rtt_ns *= 2 if cfg.backend == "pair" else 1     # two round trips per op
         counters = [c.counters.as_dict() for c in cores]
     finally:
         stop.set()
         machine.close()
         for b in backends:
             b.close()
-    if cfg.mode == "stream":
-        limit = net_stream_limit(cfg.size, cfg.limit_seconds)
-    else:
-        limit = {"ops_per_s": 1e9 / limit_rtt_ns if limit_rtt_ns else 0.0,
-                 "bytes_per_s": (1e9 / limit_rtt_ns if limit_rtt_ns else 0.0) * cfg.size,
-                 "lat_us": {"p50": round(limit_rtt_ns / 1000, 3)},
-                 "what": (f"{2 if cfg.backend == 'pair' else 1} x shared-memory round trip between the KVM guest and the host's "
-                          "I/O thread" + ("" if notify is Notify.POLL else
-                                          ", the guest ringing an ioeventfd each time"))}
+    limit = _limit(cfg, limit_rtt_ns,
+                   "shared-memory round trip between the KVM guest and the host's I/O thread"
+                   + ("" if notify is Notify.POLL else ", the guest ringing an ioeventfd"))
     if tick:
         tick(1.0)
     out = assemble(cfg, g, marks, limit, counters)
@@ -339,7 +339,8 @@ def run(cfg: NetBench, tick: Callable[[float], None] | None = None) -> dict[str,
         machine.close()
         for b in backends:
             b.close()
-    limit = _limit(cfg, g, "the guest and the host process")
+    limit = _limit(cfg, g.get("limit_rtt_p50_ns", 0),
+                   _trip(cfg, "the guest and the host process"))
     if tick:
         tick(1.0)
     return assemble(cfg, g, marks, limit, counters)

@@ -323,6 +323,14 @@ class BackendSession:
         if msg.fds:
             raise ProtocolError(f"{msg.name}: {len(msg.fds)} unexpected file descriptors")
 
+    def _offered_bits(self, msg: Message, offered: int) -> int:
+        """A u64 of feature bits, every one of them offered."""
+        self._size(msg, 8)
+        f = U64.unpack(msg.payload)[0]
+        if f & ~offered:
+            raise ProtocolError(f"{msg.name} {f:#x}: bits {f & ~offered:#x} were not offered")
+        return f
+
     def _ring(self, msg: Message, index: int) -> _Ring:
         if index >= self.num_queues:
             raise ProtocolError(f"{msg.name}: ring {index} out of range "
@@ -386,11 +394,7 @@ class BackendSession:
             self._size(msg, 0)
             return [Send(self.reply(r, U64.pack(self.offered)))]
         if r == Req.SET_FEATURES:
-            self._size(msg, 8)
-            f = U64.unpack(p)[0]
-            if f & ~self.offered:
-                raise ProtocolError(f"SET_FEATURES {f:#x}: bits {f & ~self.offered:#x} "
-                                    f"were not offered")
+            f = self._offered_bits(msg, self.offered)
             self.features = f
             self.features_set = True
             if not f & bit(F_PROTOCOL_FEATURES):
@@ -414,12 +418,7 @@ class BackendSession:
             self._size(msg, 0)
             return [Send(self.reply(r, U64.pack(self.offered_protocol)))]
         if r == Req.SET_PROTOCOL_FEATURES:
-            self._size(msg, 8)
-            f = U64.unpack(p)[0]
-            if f & ~self.offered_protocol:
-                raise ProtocolError(f"SET_PROTOCOL_FEATURES {f:#x}: bits "
-                                    f"{f & ~self.offered_protocol:#x} were not offered")
-            self.protocol_features = f
+            self.protocol_features = self._offered_bits(msg, self.offered_protocol)
             return []
         if r == Req.GET_QUEUE_NUM:
             self._size(msg, 0)
