@@ -49,6 +49,28 @@ def positive_float(text: str) -> float:
     return v
 
 
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    from alacrity.limits import DEFAULT
+    g = p.add_argument_group("guest limits (exceeding one is a guest error: the device "
+                             "needs a reset, or the vhost-user connection closes)")
+    g.add_argument("--max-queue-size", type=int, default=DEFAULT.max_queue_size, metavar="N",
+                   help=f"largest ring a guest may set up (default {DEFAULT.max_queue_size})")
+    g.add_argument("--max-segments", type=int, default=DEFAULT.max_segments, metavar="N",
+                   help=f"most buffers in one request (default {DEFAULT.max_segments})")
+    g.add_argument("--max-request-bytes", type=size, default=DEFAULT.max_request_bytes,
+                   metavar="BYTES",
+                   help=f"largest request, all its buffers together (default "
+                        f"{DEFAULT.max_request_bytes >> 20}M)")
+
+
+def limits_from(args: Any) -> Any:
+    from alacrity.limits import Limits
+    try:
+        return Limits(args.max_queue_size, args.max_segments, args.max_request_bytes)
+    except ValueError as e:
+        raise ConfigError(f"--max-*: {e}") from None
+
+
 def build_parser() -> Parser:
     from alacrity.bench import blk
 
@@ -146,6 +168,7 @@ def build_parser() -> Parser:
                          "for are dropped and counted) or tap:NAME")
     vu.add_argument("--notify", default="mitigated", choices=blk.NOTIFY)
     vu.add_argument("--no-packed", action="store_true", help="do not offer packed rings")
+    add_limit_options(vu)
 
     r = sub.add_parser("run", help="boot a guest with devices and run its self-test",
                        description="Boot a guest with the given devices. Each driver "
@@ -164,6 +187,7 @@ def build_parser() -> Parser:
                    help="how long the guest answers on the network, with --ip (default 10)")
     r.add_argument("--read-only", action="store_true", help="open block images read-only")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_limit_options(r)
     return p
 
 
@@ -227,7 +251,7 @@ def run_guest(args: Any) -> int:
             raise ConfigError(f"--ip {args.ip}: not an IPv4 address") from None
     if args.guest == "kvm":
         return run_kvm(args)
-    machine = Machine(64 << 20)
+    machine = Machine(64 << 20, limits=limits_from(args))
     try:
         info = build(machine, args.device, read_only=args.read_only)
         for c in info["consoles"]:
@@ -274,7 +298,7 @@ def run_kvm(args: Any) -> int:
     why = api.usable()
     if why:
         raise ConfigError(f"--guest kvm: {why}")
-    machine = Machine(64 << 20)
+    machine = Machine(64 << 20, limits=limits_from(args))
     try:
         build(machine, args.device, read_only=args.read_only)
         try:
@@ -376,7 +400,8 @@ def serve_vhost_user(args: Any) -> int:
             # pass (testpmd txonly: 0.45-0.57 -> 0.59-0.74 Mpps). Our own process guests
             # keep 32 (their 128 tx slots drain in smaller bites better).
             model = VirtioNet(NetCore(nbe), tx_budget=128)
-        device = VhostUserDevice(model, io, notify=notify, offer_packed=not args.no_packed)
+        device = VhostUserDevice(model, io, notify=notify, offer_packed=not args.no_packed,
+                                 limits=limits_from(args))
         try:
             server = VhostUserServer(args.socket, device, io)
         except OSError as e:

@@ -11,6 +11,7 @@ from typing import Any
 
 from alacrity.bus import Bus, IoEventFd, IrqLine, Space
 from alacrity.iothread import IoThread
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.virtio.device import Notify, VirtioDevice
 from alacrity.virtio.mmio import R_QUEUE_NOTIFY, WINDOW, VirtioMmioDevice
@@ -46,8 +47,12 @@ class DeviceSlot:
 
 class Machine:
     def __init__(self, ram_size: int = 64 << 20, *, poll_us: float = 0.0,
-                 idle_spin_us: float = IDLE_SPIN_US):
-        self.mem = GuestMemory.create([(RAM_BASE, ram_size)])
+                 idle_spin_us: float = IDLE_SPIN_US, limits: Limits = DEFAULT,
+                 mem: GuestMemory | None = None):
+        self.limits = limits          # what guests may ask of every device on this machine
+        # RAM: one region of ram_size at RAM_BASE, or memory the caller laid out (the
+        # machine closes it either way)
+        self.mem = mem if mem is not None else GuestMemory.create([(RAM_BASE, ram_size)])
         self.bus = Bus()
         self.io = IoThread(poll_us, idle_spin_us=idle_spin_us).start()
         self.slots: list[DeviceSlot] = []
@@ -60,6 +65,7 @@ class Machine:
         base = MMIO_BASE + i * MMIO_STRIDE
         name = name or f"{model.name}{i}"
         irq = IrqLine(FIRST_GSI + i)
+        options.setdefault("limits", self.limits)
         dev = VirtioMmioDevice(model, self.mem, irq, name=name, notify=notify,
                                defer=self.io.defer, **options)
         self.bus.map(Space.MMIO, base, WINDOW, dev, name)
@@ -85,7 +91,7 @@ class Machine:
             raise ValueError("this machine already has a vbus bridge")
         irq = IrqLine(FIRST_GSI + len(self.slots))
         bridge = VbusBridge(self.mem, irq, handles=VBUS_HANDLES, notify=notify, name=name,
-                            defer=self.io.defer)
+                            defer=self.io.defer, limits=self.limits)
         for dev in devices:
             bridge.add_device(dev)
         self.bus.map(Space.MMIO, VBUS_MMIO_BASE, vbus_abi.REGS_SIZE, bridge, name)

@@ -27,6 +27,7 @@ from typing import Callable
 
 from alacrity.bus import IrqLine, QueueStats
 from alacrity.errors import GuestError
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.vbus import abi, shm_signal
 from alacrity.vbus.device import CallError, Shm, VbusDevice
@@ -44,8 +45,10 @@ class VbusBridge:
 
     def __init__(self, mem: GuestMemory, irq: IrqLine, *, handles: int = 32,
                  notify: Notify = Notify.MITIGATED, name: str = "vbus",
-                 defer: Callable[[object, Callable[[], bool]], None] | None = None):
+                 defer: Callable[[object, Callable[[], bool]], None] | None = None,
+                 limits: Limits = DEFAULT):
         self.mem = mem
+        self.limits = limits
         self.irq = irq
         self.name = name
         self.notify_mode = Notify(notify)
@@ -81,6 +84,7 @@ class VbusBridge:
         self.devices[devid] = dev
         dev.schedule = lambda fn, dev=dev: self._schedule(dev, fn)
         dev.fail = lambda why, dev=dev: self._device_failed(dev, why)
+        dev.limits = self.limits
         return devid
 
     def reset(self) -> None:

@@ -9,8 +9,11 @@ from typing import Any, Callable
 
 from alacrity.bus import QueueStats
 from alacrity.errors import GuestError
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.vbus import abi
+from alacrity.vbus.ioq import Ioq
+from alacrity.vbus.shm_signal import SOUTH
 from alacrity.vbus.shm_signal import ShmSignal
 
 
@@ -53,6 +56,7 @@ class VbusDevice:
         # set by the bridge: run fn soon on the I/O thread (fn returns True: again)
         self.schedule: Callable[[Callable[[], bool]], None] = lambda fn: None
         self.fail: Callable[[str], None] = lambda why: None
+        self.limits: Limits = DEFAULT          # set by the bridge
 
     # -- lifecycle -----------------------------------------------------------------------
     def open(self, mem: GuestMemory, version: int) -> None:
@@ -87,6 +91,16 @@ class VbusDevice:
         return {}
 
     # helpers for device calls
+    def open_ioq(self, shm: Shm) -> Ioq:
+        """The south side of an IOQ the guest registered, checked (magic, version, count
+        against the region and the user's queue-size limit)."""
+        assert self.mem is not None and shm.signal is not None
+        q = Ioq(self.mem, shm.addr, SOUTH, length=shm.length, signal=shm.signal)
+        if q.count > self.limits.max_queue_size:
+            raise CallError(abi.EINVAL, f"{self.type}: IOQ of {q.count} descriptors "
+                                        f"(limit {self.limits.max_queue_size})")
+        return q
+
     def read_guest(self, addr: int, length: int) -> bytes:
         assert self.mem is not None
         try:

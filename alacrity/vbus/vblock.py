@@ -30,7 +30,7 @@ from alacrity.errors import GuestError
 from alacrity.vbus import abi
 from alacrity.vbus.device import CallError, Shm, VbusDevice
 from alacrity.vbus.ioq import Ioq
-from alacrity.vbus.shm_signal import SOUTH, ShmSignal
+from alacrity.vbus.shm_signal import ShmSignal
 
 log = logging.getLogger("alacrity.vblock")
 
@@ -84,7 +84,7 @@ class Vblock(VbusDevice):
                 raise CallError(abi.EINVAL, f"QUERY: {length} bytes (needs {QUERY.size})")
             self.write_guest(datap, QUERY.pack(self.core.capacity_sectors, 512,
                                                FLAG_RO if self.core.read_only else 0,
-                                               MAX_SEGMENTS))
+                                               self.max_segments))
             return 0
         raise CallError(abi.EINVAL, f"vblock: no device call {func}")
 
@@ -95,12 +95,20 @@ class Vblock(VbusDevice):
             raise CallError(abi.EINVAL, "vblock: the queue needs a signal")
         if self.q is not None:
             raise CallError(abi.EEXIST, "vblock: the queue is already registered")
-        self.q = Ioq(self.mem, shm.addr, SOUTH, length=shm.length, signal=shm.signal)
+        self.q = self.open_ioq(shm)
         shm.signal.notifier = self._doorbell
         shm.signal.enable()                 # requests may already wait
 
     def signals(self) -> list[ShmSignal]:
         return [self.q.signal] if self.q is not None else []
+
+    @property
+    def max_segments(self) -> int:
+        return min(MAX_SEGMENTS, self.limits.max_segments)
+
+    @property
+    def max_bytes(self) -> int:
+        return min(MAX_BYTES, self.limits.max_request_bytes)
 
     # -- requests ----------------------------------------------------------------------------
     def _doorbell(self) -> None:
@@ -163,8 +171,8 @@ class Vblock(VbusDevice):
         length = len(req)
         if length < REQ.size or (length - REQ.size) % IOV.size:
             return self._bad(f"request of {length} bytes")
-        if length > request_size(MAX_SEGMENTS):
-            return self._bad(f"request of {length} bytes (at most {MAX_SEGMENTS} segments)")
+        if length > request_size(self.max_segments):
+            return self._bad(f"request of {length} bytes (at most {self.max_segments} segments)")
         raw = bytes(req)                    # a copy: the guest cannot change it now
         rtype, _status, sector, count = REQ.unpack_from(raw)
         if request_size(count) != length:
@@ -177,8 +185,8 @@ class Vblock(VbusDevice):
                 total += ilen
         except GuestError as e:
             return self._bad(str(e))
-        if total > MAX_BYTES:
-            return self._bad(f"{total} bytes in one request (at most {MAX_BYTES})")
+        if total > self.max_bytes:
+            return self._bad(f"{total} bytes in one request (at most {self.max_bytes})")
         core = self.core
         if rtype == T_IN:
             return int(core.read(sector, views, total))

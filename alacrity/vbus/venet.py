@@ -25,7 +25,7 @@ from alacrity.errors import GuestError
 from alacrity.vbus import abi
 from alacrity.vbus.device import CallError, Shm, VbusDevice
 from alacrity.vbus.ioq import Ioq
-from alacrity.vbus.shm_signal import SOUTH, ShmSignal
+from alacrity.vbus.shm_signal import ShmSignal
 
 log = logging.getLogger("alacrity.venet")
 
@@ -172,7 +172,7 @@ class Venet(VbusDevice):
                 raise CallError(abi.EEXIST, f"venet: queue {shm.id} already registered")
             if shm.id == EVQ_QUEUE_ID and (not self.evq_on or self.evq_pool is None):
                 raise CallError(abi.EINVAL, "venet: event queue before its pool")
-            q = Ioq(self.mem, shm.addr, SOUTH, length=shm.length, signal=shm.signal)
+            q = self.open_ioq(shm)
             if shm.id == QUEUE_RX:
                 self.rxq = q
                 shm.signal.notifier = self._rx_doorbell
@@ -279,7 +279,8 @@ class Venet(VbusDevice):
         mem = self.mem
         # scatter-gather (flat frames are read inline in _tx_pass): copy the descriptor
         # first, then validate the copy
-        if not SG.size <= length <= sg_size(MAX_SG):
+        max_sg = min(MAX_SG, self.limits.max_segments)
+        if not SG.size <= length <= sg_size(max_sg):
             self.malformed += 1
             self.core.counters.tx_malformed += 1
             return None, None
@@ -295,8 +296,8 @@ class Venet(VbusDevice):
         else:
             raw = bytes(mem.view(ptr, length))
         cookie, flags, total, _cs, _co, _gt, _gh, _gs, count = SG.unpack_from(raw)
-        if (count == 0 or count > MAX_SG or sg_size(count) > length or flags & SG_FLAG_GSO
-                or total > self.core.max_frame):
+        if (count == 0 or count > max_sg or sg_size(count) > length or flags & SG_FLAG_GSO
+                or total > self.core.max_frame or total > self.limits.max_request_bytes):
             self.malformed += 1
             self.core.counters.tx_malformed += 1
             return None, cookie

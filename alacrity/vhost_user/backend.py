@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from alacrity.errors import GuestError
 from alacrity.iothread import IoThread
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory, RegionInfo
 from alacrity.virtio import spec
 from alacrity.virtio.device import Notify, VirtioDevice
@@ -51,10 +52,10 @@ class VhostUserDevice(QueueHost):
     """The device side of one vhost-user connection at a time."""
 
     def __init__(self, model: VirtioDevice, io: IoThread, *, notify: Notify = Notify.MITIGATED,
-                 offer_packed: bool = True, name: str | None = None):
+                 offer_packed: bool = True, name: str | None = None, limits: Limits = DEFAULT):
         # memory comes with SET_MEM_TABLE; until then there is none
         super().__init__(model, None, name=name or model.name, notify=notify,  # type: ignore[arg-type]
-                         defer=io.defer)
+                         defer=io.defer, limits=limits)
         self.io = io
         self.features = (model.device_features() | spec.bit(spec.F_VERSION_1)
                          | spec.bit(spec.F_EVENT_IDX) | spec.bit(spec.F_INDIRECT_DESC)
@@ -81,7 +82,7 @@ class VhostUserDevice(QueueHost):
         self.connected = True
         self.broken = False
         return P.BackendSession(features=self.features, protocol_features=self.protocol_features,
-                                num_queues=self.model.num_queues, queue_max=self.model.queue_max)
+                                num_queues=self.model.num_queues, queue_max=self.queue_max)
 
     def detach(self) -> None:
         """The frontend went away: stop every ring, unmap memory, reset the model."""

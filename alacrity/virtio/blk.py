@@ -13,6 +13,7 @@ import logging
 import struct
 
 from alacrity.devices.block import SECTOR, BlockCore, Status, _advance
+from alacrity.limits import Limits
 from alacrity.virtio import spec
 from alacrity.virtio.device import Handler, VirtioDevice
 from alacrity.virtio.chain import Chain
@@ -68,6 +69,12 @@ class VirtioBlk(VirtioDevice):
         self.max_discard_sectors = max_discard_sectors
         self.max_discard_seg = max_discard_seg
         self.malformed = 0
+
+    def apply_limits(self, limits: Limits) -> None:
+        # a request is header + data segments + status: two descriptors are not data
+        self.seg_max = max(1, min(self.seg_max, limits.max_segments - 2))
+        self.size_max = min(self.size_max, limits.max_request_bytes)
+        self.max_request = min(self.max_request, limits.max_request_bytes)
 
     def device_features(self) -> int:
         f = (spec.bit(F_SIZE_MAX) | spec.bit(F_SEG_MAX) | spec.bit(F_BLK_SIZE)

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Callable, Protocol
 
 from alacrity.bus import QueueStats
+from alacrity.limits import Limits
 from alacrity.virtio.chain import Chain
 
 
@@ -201,6 +202,10 @@ class VirtioDevice:
     def poller(self, index: int) -> Callable[[], bool] | None:
         """A cheap busy-poll pass for a queue the device drives (default: its kick)."""
         return None
+
+    def apply_limits(self, limits: Limits) -> None:
+        """The user's limits (the rings enforce them); a device whose config space tells
+        the driver its own limits (virtio-blk seg_max, size_max) lowers them to fit."""
 
     def activate(self, queues: list[VirtQueue | None]) -> None:
         """DRIVER_OK: the queues are live."""

@@ -15,6 +15,7 @@ from typing import Callable
 
 from alacrity.bus import QueueStats
 from alacrity.errors import GuestError
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.virtio import spec
 from alacrity.virtio.device import Notify, Ring, VirtioDevice, VirtQueue
@@ -28,8 +29,12 @@ Defer = Callable[[object, Callable[[], bool]], None]
 
 class QueueHost:
     def __init__(self, model: VirtioDevice, mem: GuestMemory, *, name: str | None = None,
-                 notify: Notify = Notify.MITIGATED, budget: int = 8, defer: Defer | None = None):
+                 notify: Notify = Notify.MITIGATED, budget: int = 8, defer: Defer | None = None,
+                 limits: Limits = DEFAULT):
         self.model = model
+        self.limits = limits
+        self.queue_max = limits.queue_max(model.queue_max)   # what QueueNumMax says
+        model.apply_limits(limits)
         self.mem = mem
         self.name = name or model.name
         self.notify_mode = Notify(notify)
@@ -77,6 +82,10 @@ class QueueHost:
         that know only the first half leave zero: then used starts where avail does."""
         event_idx = bool(features & spec.bit(spec.F_EVENT_IDX))
         indirect = bool(features & spec.bit(spec.F_INDIRECT_DESC))
+        if not 0 < num <= self.queue_max:
+            raise GuestError(f"queue of {num} entries (limit {self.queue_max})")
+        lim = {"max_segments": self.limits.max_segments,
+               "max_bytes": self.limits.max_request_bytes}
         if features & spec.bit(spec.F_RING_PACKED):
             pos, wrap = (0, 1) if base is None else (base & 0x7FFF, (base >> 15) & 1)
             used = (base or 0) >> 16 or (pos | wrap << 15)
@@ -85,13 +94,13 @@ class QueueHost:
                 raise GuestError(f"packed ring of {num} resumes at {pos}/{upos}")
             return PackedQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
                                indirect=indirect, next_avail=pos, avail_wrap=wrap,
-                               next_used=upos, used_wrap=uwrap)
+                               next_used=upos, used_wrap=uwrap, **lim)
         if base is None:
             return SplitQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
-                              indirect=indirect)
+                              indirect=indirect, **lim)
         return SplitQueue(self.mem, num, desc, driver, device, event_idx=event_idx,
                           indirect=indirect, last_avail=base,
-                          used_idx=self.mem.read_u16(device + 2))
+                          used_idx=self.mem.read_u16(device + 2), **lim)
 
     def make_queue(self, qi: int, ring: Ring, interrupt: Callable[[], None]) -> VirtQueue:
         model = self.model

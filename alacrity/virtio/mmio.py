@@ -13,6 +13,7 @@ from typing import Callable
 
 from alacrity.bus import IrqLine
 from alacrity.errors import GuestError
+from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.virtio import spec
 from alacrity.virtio.device import Notify, VirtioDevice
@@ -85,8 +86,10 @@ class VirtioMmioDevice(QueueHost):
                  name: str | None = None, notify: Notify = Notify.MITIGATED,
                  offer_event_idx: bool = True, offer_indirect: bool = True,
                  offer_packed: bool = True,
-                 budget: int = 8, defer: Callable[[object, Callable[[], bool]], None] | None = None):
-        super().__init__(model, mem, name=name, notify=notify, budget=budget, defer=defer)
+                 budget: int = 8, defer: Callable[[object, Callable[[], bool]], None] | None = None,
+                 limits: Limits = DEFAULT):
+        super().__init__(model, mem, name=name, notify=notify, budget=budget, defer=defer,
+                         limits=limits)
         self.irq = irq
         self.offered = (model.device_features() | spec.bit(spec.F_VERSION_1)
                         | (spec.bit(spec.F_EVENT_IDX) if offer_event_idx else 0)
@@ -173,7 +176,7 @@ class VirtioMmioDevice(QueueHost):
             return (self.offered >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
         if off == R_QUEUE_NUM_MAX:
             q = self.queue_sel
-            return self.model.queue_max if q < self.model.num_queues else 0
+            return self.queue_max if q < self.model.num_queues else 0
         if off == R_QUEUE_READY:
             q = self._selected()
             return int(q.ready) if q else 0
@@ -264,8 +267,8 @@ class VirtioMmioDevice(QueueHost):
             raise GuestError(f"queue {qi} made ready before FEATURES_OK")
         if q.ready:
             return
-        if q.num > self.model.queue_max:
-            raise GuestError(f"queue {qi} size {q.num} exceeds QueueNumMax {self.model.queue_max}")
+        if q.num > self.queue_max:
+            raise GuestError(f"queue {qi} size {q.num} exceeds QueueNumMax {self.queue_max}")
         ring = self.make_ring(self.driver_features, q.num, q.desc, q.driver, q.device)
         q.ready = True
         self.queues[qi] = self.make_queue(qi, ring, self._interrupt)

@@ -63,7 +63,8 @@ class PackedQueue:
 
     def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
                  event_idx: bool = False, indirect: bool = False,
-                 next_avail: int = 0, avail_wrap: int = 1, next_used: int = 0, used_wrap: int = 1):
+                 next_avail: int = 0, avail_wrap: int = 1, next_used: int = 0, used_wrap: int = 1,
+                 max_segments: int = MAX_QUEUE_SIZE, max_bytes: int = 1 << 64):
         check_size(size)
         if desc & 15 or driver & 3 or device & 3:
             raise GuestError(f"misaligned packed ring: desc {desc:#x} driver {driver:#x} "
@@ -72,6 +73,8 @@ class PackedQueue:
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        self.max_segments = min(size, max_segments)   # a list never exceeds the queue
+        self.max_bytes = max_bytes                     # one request's total length
         self.addrs = (desc, driver, device)
         self._ring = mem.view(desc, 16 * size)
         self._r16 = self._ring.cast("H")
@@ -110,6 +113,8 @@ class PackedQueue:
         pos = self.next_avail
         wrap = self.avail_wrap
         want = _available_bits(wrap)
+        max_links = self.max_segments
+        max_bytes = self.max_bytes
         chains: list[Chain] = []
         while limit:
             flags = r16[pos * 8 + 7]
@@ -126,6 +131,8 @@ class PackedQueue:
                 c = None
             if c is not None or not flags & (DESC_F_NEXT | DESC_F_INDIRECT):   # a lone one
                 if c is None:
+                    if length > max_bytes:
+                        raise GuestError(f"buffer at slot {pos}: {length} bytes (limit {max_bytes})")
                     off = addr - base
                     v = rmv[off:off + length] if 0 <= off and off + length <= rsize \
                         else mem.view(addr, length)
@@ -182,11 +189,13 @@ class PackedQueue:
                     pw = _available_bits(w)
                 if not flags & DESC_F_NEXT:
                     break
-                if count >= size:
-                    raise GuestError(f"descriptor list at slot {pos} is longer than the queue "
-                                     f"({size})")
+                if count >= max_links:
+                    raise GuestError(f"descriptor list at slot {pos} is longer than "
+                                     f"{max_links} descriptors (queue size {size})")
             if bid >= size:
                 raise GuestError(f"buffer id {bid} at slot {pos} is not below the queue size {size}")
+            if rlen + wlen > max_bytes:
+                raise GuestError(f"buffer at slot {pos}: {rlen + wlen} bytes (limit {max_bytes})")
             if inflight[bid]:
                 raise GuestError(f"buffer id {bid} made available again while in use")
             in_desc += count
@@ -209,8 +218,9 @@ class PackedQueue:
         if length == 0 or length % 16:
             raise GuestError(f"indirect table length {length} is not a non-zero multiple of 16")
         n = length // 16
-        if n > self.size:
-            raise GuestError(f"indirect table of {n} elements is longer than the queue ({self.size})")
+        if n > self.max_segments:
+            raise GuestError(f"indirect table of {n} elements is longer than "
+                             f"{self.max_segments} (queue size {self.size})")
         table = self.mem.view(addr, length)
         view = self.mem.view
         rlen = wlen = 0

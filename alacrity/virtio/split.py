@@ -40,7 +40,8 @@ class SplitQueue:
 
     def __init__(self, mem: GuestMemory, size: int, desc: int, avail: int, used: int, *,
                  event_idx: bool = False, indirect: bool = False,
-                 last_avail: int = 0, used_idx: int = 0):
+                 last_avail: int = 0, used_idx: int = 0,
+                 max_segments: int = MAX_QUEUE_SIZE, max_bytes: int = 1 << 64):
         check_size(size)
         if desc & 15 or avail & 1 or used & 3:
             raise GuestError(f"misaligned split ring: desc {desc:#x} avail {avail:#x} used {used:#x}")
@@ -50,6 +51,8 @@ class SplitQueue:
         self.mask = size - 1
         self.event_idx = event_idx
         self.indirect = indirect
+        self.max_segments = min(size, max_segments)   # a chain never exceeds the queue
+        self.max_bytes = max_bytes                     # one request's total length
         self.addrs = (desc, avail, used)
         self._desc = mem.view(desc, dsz)
         self._avail16 = mem.view(avail, asz).cast("H")
@@ -100,6 +103,8 @@ class SplitQueue:
         base, rsize, rmv = r0.gpa, r0.size, r0.mv
         unpack = DESC.unpack_from
         cache = self._lone
+        max_links = self.max_segments
+        max_bytes = self.max_bytes
         chains = []
         for k in range(n):
             head = avail[2 + ((last + k) & mask)]
@@ -115,6 +120,8 @@ class SplitQueue:
                 cache[head] = hit = False              # it changes: stop caching this slot
             addr, length, flags, nxt = unpack(desc, at)
             if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):       # a lone descriptor
+                if length > max_bytes:
+                    raise GuestError(f"chain {head}: {length} bytes (limit {max_bytes})")
                 off = addr - base
                 v = rmv[off:off + length] if off >= 0 and off + length <= rsize \
                     else mem.view(addr, length)
@@ -126,7 +133,7 @@ class SplitQueue:
                 continue
             table = desc
             limit = size          # entries in the current table
-            count = 0             # NEXT links followed; a chain never exceeds the queue size
+            count = 0             # NEXT links followed
             readable: list[memoryview] = []
             writable: list[memoryview] = []
             rlen = wlen = 0
@@ -156,13 +163,16 @@ class SplitQueue:
                 if not flags & DESC_F_NEXT:
                     break
                 count += 1
-                if count >= size:
-                    raise GuestError(f"descriptor chain from head {head} is longer than the "
-                                     f"queue ({size}): a loop or a runaway chain")
+                if count >= max_links:
+                    raise GuestError(f"descriptor chain from head {head} is longer than "
+                                     f"{max_links} descriptors (queue size {size}): a loop, "
+                                     f"a runaway chain or too many segments")
                 i = nxt
                 if i >= limit:
                     raise GuestError(f"chain {head}: next descriptor {i} is outside its "
                                      f"table ({limit} entries)")
+            if rlen + wlen > max_bytes:
+                raise GuestError(f"chain {head}: {rlen + wlen} bytes (limit {max_bytes})")
             chains.append(Chain(head, readable, writable, rlen, wlen))
         self.last_avail = (last + n) & 0xFFFF
         return chains
@@ -185,6 +195,8 @@ class SplitQueue:
         r0 = mem.regions[0]
         base, rsize, rmv = r0.gpa, r0.size, r0.mv
         unpack = DESC.unpack_from
+        if longest > self.max_bytes:
+            longest = self.max_bytes         # pop() refuses the longer ones
         heads: list[int] = []
         copies: list[bytes] = []
         for k in range(n):
