@@ -243,7 +243,8 @@ class VhostUserServer:
         os.chmod(path, 0o600)        # before listen(): nobody can connect before this
         self.sock.listen(1)
         self.sock.setblocking(False)
-        device.on_fail = lambda why: self._drop(f"the frontend broke a ring: {why}")
+        # the device logged its one line already ("guest error: ...; closing the connection")
+        device.on_fail = lambda why: self._drop(f"the frontend broke a ring: {why}", logged=True)
         io.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -297,13 +298,14 @@ class VhostUserServer:
         except OSError as e:
             self._drop(f"connection error: {e}")
 
-    def _drop(self, why: str | None) -> None:
+    def _drop(self, why: str | None, logged: bool = False) -> None:
         conn = self.conn
         if conn is None:
             return
         if why:
             self.last_error = why
-            log.error("vhost-user %s: %s; closing the connection", self.path, why)
+            if not logged:
+                log.error("vhost-user %s: %s; closing the connection", self.path, why)
         else:
             log.info("vhost-user %s: frontend disconnected", self.path)
         self.io.remove_reader(conn.fileno())

@@ -101,3 +101,57 @@ def test_virtio_blk_huge_discard_is_refused_without_a_copy(tmp_path, rtype):
         irq.close()
         mem.close()
         be.close()
+
+
+# -- limits set on the command line and on a vhost-user server ------------------------------------
+def test_cli_rejects_a_limit_below_one(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "alacrity", "run", "--device", "blk:null",
+                        "--max-segments", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "max_segments" in r.stderr
+
+
+def test_run_with_limits_a_guest_stays_within(tmp_path):
+    """`alacrity run` with small limits: the drivers read QueueNumMax and seg_max and
+    stay within them, so the self-test passes."""
+    import json
+    import subprocess
+    import sys
+    img = tmp_path / "disk"
+    img.write_bytes(bytes(1 << 20))
+    r = subprocess.run([sys.executable, "-m", "alacrity", "run", "--device", f"blk:{img}",
+                        "--device", "net:loopback", "--max-queue-size", "16",
+                        "--max-segments", "8", "--max-request-bytes", "64k", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(d["ok"] for d in json.loads(r.stdout)["devices"])
+
+
+def test_vhost_user_ring_above_the_limit_closes_the_connection(tmp_path):
+    import os
+
+    from alacrity.devices.block import BlockCore, NullBackend
+    from alacrity.iothread import IoThread
+    from alacrity.limits import Limits
+    from alacrity.vhost_user import protocol as P
+    from alacrity.vhost_user.backend import VhostUserDevice, VhostUserServer
+    from alacrity.virtio.blk import VirtioBlk
+    from tests.helpers import until
+    from tests.test_vhost_user import OWNER, closed_by_peer, raw_client, send_fds
+    io = IoThread(0.0).start()
+    dev = VhostUserDevice(VirtioBlk(BlockCore(NullBackend())), io,
+                          limits=Limits(max_queue_size=16))
+    srv = VhostUserServer(str(tmp_path / "sock"), dev, io)
+    try:
+        s = raw_client(srv.path)
+        send_fds(s, OWNER + P.encode(P.Req.SET_VRING_NUM, P.VRING_STATE.pack(0, 16)), [])
+        send_fds(s, P.encode(P.Req.SET_VRING_NUM, P.VRING_STATE.pack(0, 32)), [])
+        assert closed_by_peer(s)
+        s.close()
+        until(lambda: srv.protocol_errors == 1)
+        assert "(1..16)" in srv.last_error
+    finally:
+        srv.close()
+        io.close()
