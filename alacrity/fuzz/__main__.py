@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alacrity.fuzz.seeds import SEEDS
     from alacrity.fuzz.targets import TARGETS
 
     p = argparse.ArgumentParser(prog="python -m alacrity.fuzz",
@@ -18,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", nargs="?", help="what to fuzz (see --list)")
     p.add_argument("--list", action="store_true", help="print the target names, one per line")
     p.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
-    p.add_argument("--corpus", help="a directory of inputs to start from and to grow")
+    p.add_argument("--corpus", help="a directory of inputs to start from and to grow "
+                                    "(default: a new temporary directory); the target's "
+                                    "seeds are added to it")
     p.add_argument("--artifacts", default=".",
                    help="where a crashing input is saved (default: the current directory)")
     p.add_argument("--replay", nargs="+", metavar="FILE",
@@ -59,11 +63,17 @@ def main(argv: list[str] | None = None) -> int:
           "-timeout=10", "-rss_limit_mb=4096"]
     if args.seed is not None:
         lf.append(f"-seed={args.seed}")
-    if args.corpus:
-        os.makedirs(args.corpus, exist_ok=True)
-        lf.append(args.corpus)
-    sys.stderr.write(f"alacrity.fuzz: {args.target} for {args.seconds:g} s "
-                     f"(libFuzzer prints progress below)\n")
+    # the corpus starts from well-formed inputs (alacrity/fuzz/seeds.py) and grows there
+    corpus = args.corpus or tempfile.mkdtemp(prefix=f"alacrity-fuzz-{args.target}-")
+    os.makedirs(corpus, exist_ok=True)
+    for i, seed in enumerate(SEEDS[args.target]()):
+        path = os.path.join(corpus, f"seed-{i}")
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(seed)
+    lf.append(corpus)
+    sys.stderr.write(f"alacrity.fuzz: {args.target} for {args.seconds:g} s, corpus in "
+                     f"{corpus} (libFuzzer prints progress below)\n")
     sys.stderr.flush()
     started = time.monotonic()
     atheris.Setup(lf, fn)

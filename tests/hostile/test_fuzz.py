@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import alacrity
+from alacrity.fuzz.seeds import SEEDS
 from alacrity.fuzz.targets import TARGETS
 from alacrity.vhost_user import protocol as P
 from alacrity.virtio import spec
@@ -74,17 +75,33 @@ def test_fuzz_target_runs_clean(tmp_path, target):
 
 
 def corpus_cases():
+    for target, seeds in SEEDS.items():
+        for i, data in enumerate(seeds()):
+            yield pytest.param(target, data, id=f"{target}/seed-{i}")
     for target in TARGETS:
         d = CORPUS / target
         if d.is_dir():
             for f in sorted(d.iterdir()):
-                yield pytest.param(target, f, id=f"{target}/{f.name}")
+                yield pytest.param(target, f.read_bytes(), id=f"{target}/{f.name}")
 
 
-@pytest.mark.parametrize("target,path", list(corpus_cases()))
-def test_saved_inputs_replay_clean(target, path):
-    """Inputs that once crashed a target (and the seeds kept with them) stay fixed."""
-    TARGETS[target](path.read_bytes())
+@pytest.mark.parametrize("target,data", list(corpus_cases()))
+def test_seeds_and_saved_inputs_replay_clean(target, data):
+    """The seeds, and inputs that once crashed a target (fixed since), run clean."""
+    TARGETS[target](data)
+
+
+def test_the_bridge_seed_reaches_the_devices():
+    """The bridge seed is a whole session: negotiate, register the event queue, open
+    vblock, register its queue, ring its doorbell (a request is served), open venet, call
+    it, and the same call as a fastcall."""
+    from alacrity.fuzz import targets
+    TARGETS["vbus-bridge"](b"")                       # the bus exists from here on
+    bridge = targets._bus.bridge
+    before = bridge.devices[1].requests
+    TARGETS["vbus-bridge"](SEEDS["vbus-bridge"]()[0])
+    assert bridge.negotiated and bridge.eventq is not None and len(bridge.opened) == 2
+    assert bridge.devices[1].requests == before + 1 and 0 in bridge.fastcalls
 
 
 def test_replay_command(tmp_path):
