@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     atheris.instrument_all()
     lf = [sys.argv[0], f"-max_total_time={max(1, round(args.seconds))}",
           "-print_final_stats=1", f"-artifact_prefix={os.path.join(args.artifacts, '')}",
-          "-timeout=10", "-rss_limit_mb=4096"]
+          "-timeout=5", "-rss_limit_mb=4096"]
     if args.seed is not None:
         lf.append(f"-seed={args.seed}")
     # the corpus starts from well-formed inputs (alacrity/fuzz/seeds.py) and grows there

@@ -104,11 +104,18 @@ def arena() -> Arena:
     return _arena
 
 
-def _check_chains(chains, mem: GuestMemory) -> None:
-    """Every view a ring handed out lies inside RAM and adds up to the chain's lengths."""
+def _check_chains(chains, q) -> None:
+    """A ring hands out at most `limit` chains, each no longer than the queue (or the
+    segment limit) and no larger than the byte limit, whose views add up to its lengths."""
     for c in chains:
         if sum(map(len, c.readable)) != c.read_len or sum(map(len, c.writable)) != c.write_len:
             raise Crash(f"chain {c.head}: lengths disagree with its views")
+        if len(c.readable) + len(c.writable) > q.max_segments:
+            raise Crash(f"chain {c.head}: {len(c.readable) + len(c.writable)} segments, "
+                        f"more than {q.max_segments}")
+        if c.read_len + c.write_len > q.max_bytes:
+            raise Crash(f"chain {c.head}: {c.read_len + c.write_len} bytes, more than "
+                        f"{q.max_bytes}")
 
 
 # -- virtio rings ------------------------------------------------------------------------------
@@ -135,7 +142,9 @@ def split_ring(data: bytes) -> None:
                        max_bytes=RAM_A)
         for _ in range(4):
             chains = q.pop(limit)
-            _check_chains(chains, mem)
+            if len(chains) > limit:
+                raise Crash(f"pop({limit}) returned {len(chains)} chains")
+            _check_chains(chains, q)
             written = []
             for c in chains:
                 for v in c.writable:
@@ -175,7 +184,9 @@ def packed_ring(data: bytes) -> None:
                         used_wrap=wrap, max_bytes=RAM_A)
         for _ in range(4):
             chains = q.pop(limit)
-            _check_chains(chains, mem)
+            if len(chains) > limit:
+                raise Crash(f"pop({limit}) returned {len(chains)} chains")
+            _check_chains(chains, q)
             written = []
             for c in chains:
                 for v in c.writable:
