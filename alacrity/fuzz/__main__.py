@@ -8,6 +8,38 @@ import os
 import sys
 import tempfile
 import time
+import types
+
+
+def _instrument(atheris) -> int:
+    """Add coverage instrumentation to every function and method defined in alacrity's
+    loaded modules (the fuzz harness itself excepted)."""
+    done = 0
+
+    def one(f: object) -> None:
+        nonlocal done
+        if isinstance(f, types.FunctionType):
+            atheris.instrument_func(f)
+            done += 1
+
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] != "alacrity" or name.startswith("alacrity.fuzz"):
+            continue
+        for obj in list(vars(mod).values()):
+            if getattr(obj, "__module__", None) != name:
+                continue
+            if isinstance(obj, type):
+                for a in vars(obj).values():
+                    if isinstance(a, (staticmethod, classmethod)):
+                        a = a.__func__
+                    if isinstance(a, property):
+                        one(a.fget)
+                        one(a.fset)
+                    else:
+                        one(a)
+            else:
+                one(obj)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0:
         sys.stderr.write("alacrity.fuzz: --seconds must be positive\n")
         return 2
-    # instrument what the targets exercise (the whole package, loaded by the targets'
-    # imports once), then hand over to libFuzzer
+    # load what the target exercises (its imports run once), instrument alacrity's own
+    # functions (all of Python's would take 16 s), then hand over to libFuzzer
     for prime in (b"", bytes(64)):
         fn(prime)
-    atheris.instrument_all()
+    _instrument(atheris)
     lf = [sys.argv[0], f"-max_total_time={max(1, round(args.seconds))}",
           "-print_final_stats=1", f"-artifact_prefix={os.path.join(args.artifacts, '')}",
           "-timeout=5", "-rss_limit_mb=4096"]
