@@ -328,3 +328,22 @@ def test_pinned_packed_buffers_keep_their_id(mem):
         assert d.get_used() == [("a" if i == 0 else i - 1, 8)]
         d.readd(h, i)
     assert d.num_free == 3 and h[3] not in d.free_ids
+
+
+def test_readd_many_is_readd_in_a_batch(mem):
+    """A batch of pinned buffers offered again with readd_many: the device sees the same
+    ids, lengths and directions, in order, across many laps; a buffer still in flight is
+    refused."""
+    d, q = driver_and_device(mem, 4)
+    hs = [d.add([(DATA + 0x100 * i, 64 + i)], i % 2, f"b{i}", pin=True) for i in range(3)]
+    for lap in range(8):
+        d.kick_prepare()
+        chains = q.pop()
+        assert [c.head for c in chains] == [h[3] for h in hs]
+        assert [(c.read_len, c.write_len) for c in chains] == [(0, 64), (65, 0), (0, 66)]
+        q.push_many(chains, [0] * 3)
+        q.publish()
+        assert len(d.get_used()) == 3
+        d.readd_many(hs, [lap] * 3)
+    with pytest.raises(ValueError):
+        d.readd_many(hs[:1], ["again"])

@@ -360,3 +360,20 @@ def test_pinned_chains_are_offered_again_unchanged(mem):
     assert c2.head == c.head and len(c2.writable[0]) == 100
     with pytest.raises(ValueError):
         d.readd(h, "twice")                           # still in flight
+
+
+def test_readd_many_is_readd_in_a_batch(mem):
+    d, q = driver_and_device(mem)
+    hs = [d.add([(0x20000 + 0x100 * i, 64)], 0, f"b{i}", pin=True) for i in range(3)]
+    for lap in range(5):
+        d.kick_prepare()
+        chains = q.pop()
+        assert [c.head for c in chains] == hs
+        for c in chains:
+            q.push(c.head, 4)
+        q.publish()
+        assert [t for t, _ in d.get_used()] == ([f"b{i}" for i in range(3)] if lap == 0
+                                                 else [lap - 1] * 3)
+        d.readd_many(hs, [lap] * 3)
+    with pytest.raises(ValueError):
+        d.readd_many(hs[:1], ["again"])

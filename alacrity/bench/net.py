@@ -453,6 +453,7 @@ class _StreamOps:
 
     def __init__(self, tx_drv: Any, rx_drv: Any, frame: bytes, reuse: bool):
         self.rx_view = rx_drv.rx_view
+        self.tx_again_many: Callable[[list[int]], None] | None = None   # batch form, if any
         self.kick_tx, self.kick_rx, self.wait = tx_drv.kick_tx, rx_drv.kick_rx, rx_drv.wait
         size = len(frame)
         if isinstance(tx_drv, VenetDriver):
@@ -481,13 +482,15 @@ class _StreamOps:
         txq_get, readd, add = txq.get_used, txq.readd, txq.add
         self.tx_again = ((lambda slot: readd(handles[slot], slot)) if reuse
                          else (lambda slot: add(bufs[slot], 1, slot)))
+        if reuse:
+            readd_many = txq.readd_many
+            self.tx_again_many = lambda slots: readd_many([handles[i] for i in slots], slots)
         self.tx_done = lambda: [slot for slot, _ in txq_get()]
         self.rx_take = rxq.get_used
-        repost = rx_drv.repost_rx
+        repost_many = rx_drv.repost_rx_many
 
         def rx_release(got: list[tuple[int, int]]) -> None:
-            for i, _ in got:
-                repost(i)
+            repost_many([i for i, _ in got])
 
         self.rx_release = rx_release
 
@@ -503,6 +506,7 @@ def _stream(machine: Any, drivers: list[Any], a: dict[str, Any]) -> dict[str, An
     free: list[int] = []
     sent = ops_.slots
     tx_again, tx_done, rx_take, rx_release = ops_.tx_again, ops_.tx_done, ops_.rx_take, ops_.rx_release
+    tx_again_many = ops_.tx_again_many
     kick_tx, kick_rx, wait = ops_.kick_tx, ops_.kick_rx, ops_.wait
     want_len = hdr + size
     stats = [s for d in drivers for s in (d.rx_stats, d.tx_stats)]
@@ -517,8 +521,11 @@ def _stream(machine: Any, drivers: list[Any], a: dict[str, Any]) -> dict[str, An
         free.extend(tx_done())
         if free and not win.done:
             now = clock()
+            if tx_again_many is not None:
+                tx_again_many(free)
             for slot in free:
-                tx_again(slot)
+                if tx_again_many is None:
+                    tx_again(slot)
                 if not sent % sample:
                     t_sent[sent] = now
                 sent += 1

@@ -194,6 +194,9 @@ def packed_ring(data: bytes) -> None:
                 written.append(c.write_len)
             q.push_many(chains, written)
             q.publish()
+            heads, copies = q.take_copies(limit, 12, 1514)
+            q.push_heads(heads)
+            q.publish()
             q.enable_notify()
     except GuestError:
         pass

@@ -236,6 +236,83 @@ class PackedQueue:
                 rlen += ln
         return rlen, wlen
 
+    def take_copies(self, limit: int, skip: int, longest: int) -> tuple[list[int], list[bytes]]:
+        """The fast path of queues whose requests are each one device-readable buffer (frames
+        to transmit): (buffer ids to complete, a copy of each buffer after its first `skip`
+        bytes), in one pass and without Chain objects. Stops at the first buffer that is
+        anything else, shorter than `skip`, longer than `longest`, or breaks a rule (an id
+        out of range or in flight): pop() takes that one, and raises. Each slot's flags are
+        read before its body."""
+        size = self.size
+        r16 = self._r16
+        ring = self._ring
+        mem = self.mem
+        r0 = mem.regions[0]
+        base, rsize, rmv = r0.gpa, r0.size, r0.mv
+        unpack = DESC_BODY.unpack_from
+        inflight = self._inflight
+        in_desc = self._inflight_desc
+        if longest > self.max_bytes:
+            longest = self.max_bytes         # pop() refuses the longer ones
+        pos = self.next_avail
+        wrap = self.avail_wrap
+        want = _available_bits(wrap)
+        heads: list[int] = []
+        copies: list[bytes] = []
+        while limit and in_desc < size:
+            flags = r16[pos * 8 + 7]
+            if flags & 0x80FF != want:       # not available, or NEXT/WRITE/INDIRECT set
+                break
+            addr, length, bid = unpack(ring, pos << 4)
+            if length < skip or length > longest or bid >= size or inflight[bid]:
+                break
+            off = addr - base
+            if off >= 0 and off + length <= rsize:
+                copies.append(rmv[off + skip:off + length].tobytes())
+            else:
+                copies.append(mem.view(addr, length)[skip:].tobytes())
+            inflight[bid] = 1
+            in_desc += 1
+            heads.append(bid)
+            limit -= 1
+            pos += 1
+            if pos == size:
+                pos = 0
+                wrap ^= 1
+                want = _available_bits(wrap)
+        self.next_avail = pos
+        self.avail_wrap = wrap
+        self._inflight_desc = in_desc
+        return heads, copies
+
+    def push_heads(self, heads: list[int]) -> None:
+        """push_many() of one-slot buffers the device wrote nothing into, by buffer id."""
+        size = self.size
+        r16 = self._r16
+        r32 = self._r32
+        inflight = self._inflight
+        pos = self.next_used
+        wrap = self.used_wrap
+        used_bits = AVAIL_USED if wrap else 0
+        pending = self._pending
+        for bid in heads:
+            inflight[bid] = 0
+            r16[pos * 8 + 6] = bid
+            r32[pos * 4 + 2] = 0
+            if pending is None:
+                pending = (pos, used_bits)
+            else:
+                r16[pos * 8 + 7] = used_bits
+            pos += 1
+            if pos == size:
+                pos = 0
+                wrap ^= 1
+                used_bits = AVAIL_USED if wrap else 0
+        self._pending = pending
+        self._inflight_desc -= len(heads)
+        self.next_used = pos
+        self.used_wrap = wrap
+
     # -- giving work back -------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         raise NotImplementedError("packed rings need the chain: use push_many")
@@ -364,13 +441,79 @@ class PackedDriverQueue:
         bid = self.free_ids.pop()
         self._pinned[bid] = 1
         self._add(bufs, n_out, token, indirect, bid)
-        return (bufs, n_out, indirect, bid)
+        # a lone buffer is offered again from its 14 descriptor bytes (addr, len, id)
+        body = DESC_BODY.pack(bufs[0][0], bufs[0][1], bid) if len(bufs) == 1 else None
+        return (bufs, n_out, indirect, bid, body, 0 if n_out else DESC_F_WRITE)
 
     def readd(self, handle: object, token: object) -> None:
-        bufs, n_out, indirect, bid = handle  # type: ignore[misc]
+        bufs, n_out, indirect, bid, body, wflag = handle  # type: ignore[misc]
         if self.ndesc[bid]:
             raise ValueError(f"buffer {bid} is still in flight")
-        self._add(bufs, n_out, token, indirect, bid)
+        if body is None or not self.num_free:
+            self._add(bufs, n_out, token, indirect, bid)
+            return
+        pos = self.next_avail                     # _add's single-element case, inlined
+        at = pos << 4
+        self._ring[at:at + 14] = body
+        flags = (0x0080 if self.avail_wrap else 0x8000) | wflag
+        if self._pending is None:
+            self._pending = (pos, flags)
+        else:
+            self._r16[pos * 8 + 7] = flags
+        pos += 1
+        if pos == self.size:
+            pos = 0
+            self.avail_wrap ^= 1
+        self.next_avail = pos
+        self.num_free -= 1
+        self.tokens[bid] = token
+        self.ndesc[bid] = 1
+
+    def readd_many(self, handles: Sequence[object], tokens: Sequence[object]) -> None:
+        """readd() of a batch (rx buffers handed back, tx frames sent again), in one pass."""
+        n = len(handles)
+        if not n:
+            return
+        if n > self.num_free or handles[0][4] is None:  # type: ignore[index]
+            for h, t in zip(handles, tokens):   # lists, or a ring too full: one by one
+                self.readd(h, t)
+            return
+        ring = self._ring
+        r16 = self._r16
+        ndesc = self.ndesc
+        toks = self.tokens
+        size = self.size
+        pos = self.next_avail
+        wrap = self.avail_wrap
+        avail = 0x0080 if wrap else 0x8000
+        pending = self._pending
+        done = 0
+        try:
+            for h, token in zip(handles, tokens):
+                _, _, _, bid, body, wflag = h  # type: ignore[misc]
+                if ndesc[bid] or body is None:
+                    raise ValueError(f"buffer {bid} is still in flight, or is a list "
+                                     f"(readd_many takes lone buffers)")
+                at = pos << 4
+                ring[at:at + 14] = body
+                flags = avail | wflag
+                if pending is None:
+                    pending = (pos, flags)
+                else:
+                    r16[pos * 8 + 7] = flags
+                toks[bid] = token
+                ndesc[bid] = 1
+                done += 1
+                pos += 1
+                if pos == size:
+                    pos = 0
+                    wrap ^= 1
+                    avail = 0x0080 if wrap else 0x8000
+        finally:                              # the ones before an error stay offered
+            self._pending = pending
+            self.next_avail = pos
+            self.avail_wrap = wrap
+            self.num_free -= done
 
     def _add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
              indirect: bool, bid: int | None) -> int:

@@ -353,6 +353,25 @@ class SplitDriverQueue:
         self._avail16[2 + (self.avail_idx & self.mask)] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
 
+    def readd_many(self, heads: Sequence[int], tokens: Sequence[object]) -> None:
+        """readd() of a batch, in one pass."""
+        pinned = self._pinned
+        chain_ids = self.chain_ids
+        toks = self.tokens
+        avail = self._avail16
+        mask = self.mask
+        idx = self.avail_idx
+        try:
+            for head, token in zip(heads, tokens):
+                if not pinned[head] or chain_ids[head] is not None:
+                    raise ValueError(f"chain {head} is not pinned, or is still in flight")
+                toks[head] = token
+                chain_ids[head] = ()
+                avail[2 + (idx & mask)] = head
+                idx += 1
+        finally:                              # the ones before an error stay offered
+            self.avail_idx = idx & 0xFFFF
+
     def _add(self, bufs: Sequence[tuple[int, int]], n_out: int, token: object,
              indirect: bool) -> int:
         n = len(bufs)

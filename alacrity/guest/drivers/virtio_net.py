@@ -130,6 +130,15 @@ class VirtioNetDriver:
         else:
             self.rxq.add(self.rx_bufs[i], 0, i)
 
+    def repost_rx_many(self, idx: list[int]) -> None:
+        """Offer rx buffers idx to the device again, in one pass."""
+        if self.reuse:
+            handles = self.rx_handles
+            self.rxq.readd_many([handles[i] for i in idx], idx)
+        else:
+            for i in idx:
+                self.rxq.add(self.rx_bufs[i], 0, i)
+
     # -- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: float | None = 10.0, tx: bool = False, rx_delay: int = 0,
              tx_delay: int = 0) -> None:
