@@ -21,7 +21,6 @@ from alacrity.guest.drivers.virtio_blk import VirtioBlkDriver
 from alacrity.guest.drivers.virtio_net import VirtioNetDriver
 from alacrity.guest.programs import find_device
 from alacrity.iothread import IoThread
-from alacrity.memory import GuestMemory
 from alacrity.vhost_user import protocol as P
 from alacrity.vhost_user.backend import VhostUserDevice, VhostUserServer
 from alacrity.vhost_user.frontend import VhostUserGuest

@@ -275,7 +275,6 @@ def vbus_bridge(data: bytes) -> None:
     pointer; shm-signal, event-queue and fastcall doorbells) against guest RAM the input
     fills: NEGOTIATE, QREG, SLOWCALL's DEVOPEN/DEVCLOSE/DEVCALL/DEVSHM, FASTCALL_ADD/DROP,
     and through them every vblock and venet device call and queue."""
-    from alacrity.vbus import abi
     global _bus
     a = arena()
     if _bus is None:

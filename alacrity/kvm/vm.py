@@ -21,7 +21,6 @@ import os
 import signal
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 

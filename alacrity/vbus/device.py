@@ -13,8 +13,7 @@ from alacrity.limits import DEFAULT, Limits
 from alacrity.memory import GuestMemory
 from alacrity.vbus import abi
 from alacrity.vbus.ioq import Ioq
-from alacrity.vbus.shm_signal import SOUTH
-from alacrity.vbus.shm_signal import ShmSignal
+from alacrity.vbus.shm_signal import SOUTH, ShmSignal
 
 
 class CallError(Exception):

@@ -84,7 +84,6 @@ class Rig:
         else:
             if any(f & INDIRECT for _, _, f in elems):
                 (a, n, f), = elems
-                s = self.ring.pos
                 self.ring.put(a, n, bid, f | self.ring.avail_flags())
                 self.ring.pos += 1
                 return

@@ -130,8 +130,6 @@ def test_run_with_limits_a_guest_stays_within(tmp_path):
 
 
 def test_vhost_user_ring_above_the_limit_closes_the_connection(tmp_path):
-    import os
-
     from alacrity.devices.block import BlockCore, NullBackend
     from alacrity.iothread import IoThread
     from alacrity.limits import Limits

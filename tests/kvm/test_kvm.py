@@ -14,7 +14,7 @@ import pytest
 from alacrity.devices.block import BlockCore, open_backend
 from alacrity.kvm import api
 from alacrity.kvm.payload.build import build
-from alacrity.kvm.vm import GuestFailed, KvmVm, device_results, run_selftest
+from alacrity.kvm.vm import GuestFailed, KvmVm, run_selftest
 from alacrity.machine import Machine
 from alacrity.virtio import spec
 from alacrity.virtio.blk import VirtioBlk
