@@ -119,6 +119,27 @@ def _check_chains(chains, q) -> None:
 
 
 # -- virtio rings ------------------------------------------------------------------------------
+def _serve(q, limit: int) -> None:
+    """What a device does with a ring, a few passes: pop, write into every writable
+    buffer, complete, publish; the copy fast path; re-enable notifications."""
+    for _ in range(4):
+        chains = q.pop(limit)
+        if len(chains) > limit:
+            raise Crash(f"pop({limit}) returned {len(chains)} chains")
+        _check_chains(chains, q)
+        written = []
+        for c in chains:
+            for v in c.writable:
+                v[:] = b"\xee" * len(v)
+            written.append(c.write_len)
+        q.push_many(chains, written)
+        q.publish()
+        heads, copies = q.take_copies(limit, 12, 1514)
+        q.push_heads(heads)
+        q.publish()
+        q.enable_notify()
+
+
 def split_ring(data: bytes) -> None:
     """A split ring (descriptor table, available ring, indirect tables) written by the
     guest; the device pops, completes (writing into every writable buffer) and publishes."""
@@ -140,22 +161,7 @@ def split_ring(data: bytes) -> None:
         q = SplitQueue(mem, size, desc, avail, used, event_idx=event_idx, indirect=indirect,
                        last_avail=last_avail, max_segments=max_segments,
                        max_bytes=RAM_A)
-        for _ in range(4):
-            chains = q.pop(limit)
-            if len(chains) > limit:
-                raise Crash(f"pop({limit}) returned {len(chains)} chains")
-            _check_chains(chains, q)
-            written = []
-            for c in chains:
-                for v in c.writable:
-                    v[:] = b"\xee" * len(v)
-                written.append(c.write_len)
-            q.push_many(chains, written)
-            q.publish()
-            heads, copies = q.take_copies(limit, 12, 1514)
-            q.push_heads(heads)
-            q.publish()
-            q.enable_notify()
+        _serve(q, limit)
     except GuestError:
         pass
     a.check()
@@ -182,22 +188,7 @@ def packed_ring(data: bytes) -> None:
         q = PackedQueue(mem, size, desc, driver, device, event_idx=event_idx,
                         indirect=indirect, next_avail=pos, avail_wrap=wrap, next_used=pos,
                         used_wrap=wrap, max_bytes=RAM_A)
-        for _ in range(4):
-            chains = q.pop(limit)
-            if len(chains) > limit:
-                raise Crash(f"pop({limit}) returned {len(chains)} chains")
-            _check_chains(chains, q)
-            written = []
-            for c in chains:
-                for v in c.writable:
-                    v[:] = b"\xee" * len(v)
-                written.append(c.write_len)
-            q.push_many(chains, written)
-            q.publish()
-            heads, copies = q.take_copies(limit, 12, 1514)
-            q.push_heads(heads)
-            q.publish()
-            q.enable_notify()
+        _serve(q, limit)
     except GuestError:
         pass
     a.check()
