@@ -102,6 +102,7 @@ def test_bench_net_json(abi, mode, backend, notify):
     assert NET_REQUIRED <= r.keys()
     assert (r["abi"], r["mode"], r["backend"], r["notify"]) == (abi, mode, backend, notify)
     assert r["pps"] > 100 and r["errors"] == 0
+    assert r["lost"] == 0                      # our loopback and pair lose nothing
     assert r["bytes_per_s"] == pytest.approx(r["pps"] * 64, rel=1e-3)
     assert 0 < r["lat_us"]["p50"] <= r["lat_us"]["p99"]
     assert r["limit"]["ops_per_s"] > 0

@@ -524,6 +524,9 @@ def test_bench_with_a_vhost_user_guest(tmp_path, what, abi):
         r = json.loads(b.stdout)
         assert r["guest"] == f"vhost-user:{sock}" and r["abi"] == abi
         assert r["ops"] > 100 and r["errors"] == 0
+        # the served loopback drops what it has no rx buffers for (as a NIC does): the
+        # stream writes off what is still out after a stall instead of waiting for it
+        assert r.get("lost", 0) <= r["ops"]
         assert r["doorbells_per_op"] > 0 and r["limit"]["ops_per_s"] > 0
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=20)
