@@ -59,9 +59,11 @@ class RawRing:
         return self.mem.read_u32(a), self.mem.read_u32(a + 4)
 
 
-def mmio_bring_up(dev, features: int, queues: list[tuple[int, int, int, int]]) -> None:
+def mmio_bring_up(dev, features: int, queues: list[tuple[int, int, int, int]],
+                  driver_ok: bool = True) -> None:
     """Program a VirtioMmioDevice through its registers as a well-behaved driver would:
-    reset, ACK, DRIVER, features, FEATURES_OK, each (size, desc, avail, used), DRIVER_OK."""
+    reset, ACK, DRIVER, features, FEATURES_OK, each (size, desc, avail, used), DRIVER_OK
+    (unless driver_ok=False: a test that watches queue setup stops before it)."""
     from alacrity.virtio import mmio as R
     from alacrity.virtio import spec
 
@@ -82,7 +84,8 @@ def mmio_bring_up(dev, features: int, queues: list[tuple[int, int, int, int]]) -
             dev.write(reg, 4, addr & 0xFFFFFFFF)
             dev.write(reg + 4, 4, addr >> 32)
         dev.write(R.R_QUEUE_READY, 4, 1)
-    dev.write(R.R_STATUS, 4, status | spec.DRIVER_OK)
+    if driver_ok:
+        dev.write(R.R_STATUS, 4, status | spec.DRIVER_OK)
 
 
 class RawPackedRing:

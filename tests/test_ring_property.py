@@ -275,6 +275,29 @@ def test_device_survives_any_packed_ring(tmp_path_factory, slots, table, headers
         mem.close()
 
 
+def copies_agree_with_pop(mem, fast, slow, limit: int, longest: int) -> list[int] | None:
+    """take_copies() on `fast` against pop() on `slow` (the same ring, two device sides):
+    it fails only where pop() fails (None), only reads, and takes exactly the lone readable
+    buffers pop() hands over, with their bytes after a 12-byte header. Returns the ids."""
+    from alacrity.errors import GuestError
+    before = [bytes(r.mv) for r in mem.regions]
+    try:
+        got, copies = fast.take_copies(limit, 12, longest)
+    except GuestError:                    # e.g. a buffer outside RAM: pop() refuses it too
+        try:
+            slow.pop(limit)
+        except GuestError:
+            return None
+        raise AssertionError("take_copies failed where pop() did not")
+    assert [bytes(r.mv) for r in mem.regions] == before          # it only reads
+    chains = slow.pop(len(got)) if got else []
+    assert [c.head for c in chains] == got
+    for c, data in zip(chains, copies):
+        assert len(c.readable) == 1 and not c.writable and 12 <= c.read_len <= longest
+        assert bytes(c.readable[0])[12:] == data
+    return got
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     descs=st.lists(st.one_of(desc_st, flag_heavy, st.tuples(
@@ -290,7 +313,6 @@ def test_split_take_copies_agrees_with_pop(descs, heads, avail_idx, limit, longe
     """The copy fast path (net tx) takes exactly the lone readable buffers pop() would hand
     to the handler, copies exactly their bytes after the header, stops at the first other
     chain, and fails only where pop() fails too."""
-    from alacrity.errors import GuestError
     mem = GuestMemory.create([R0, R1])
     try:
         for i, (a, n, f, nx) in enumerate(descs):
@@ -301,22 +323,10 @@ def test_split_take_copies_agrees_with_pop(descs, heads, avail_idx, limit, longe
         mem.write_u16(avail + 2, avail_idx)
         fast = SplitQueue(mem, SIZE, RING, avail, avail + 0x100, indirect=True)
         slow = SplitQueue(mem, SIZE, RING, avail, avail + 0x100, indirect=True)
-        before = [bytes(r.mv) for r in mem.regions]
-        try:
-            got_heads, copies = fast.take_copies(limit, 12, longest)
-        except GuestError:
-            try:
-                slow.pop(limit)
-            except GuestError:
-                return
-            raise AssertionError("take_copies failed where pop() did not")
-        assert [bytes(r.mv) for r in mem.regions] == before          # it only reads
+        got_heads = copies_agree_with_pop(mem, fast, slow, limit, longest)
+        if got_heads is None:
+            return
         assert fast.last_avail == len(got_heads)
-        chains = slow.pop(len(got_heads)) if got_heads else []
-        assert [c.head for c in chains] == got_heads
-        for c, data in zip(chains, copies):
-            assert len(c.readable) == 1 and not c.writable and 12 <= c.read_len <= longest
-            assert bytes(c.readable[0])[12:] == data
         n = min(avail_idx, SIZE, limit) if avail_idx <= SIZE else 0
         if len(got_heads) < n:                                        # it stopped early:
             a, ln, f, _ = descs[heads[len(got_heads)]]                # at something else
@@ -354,21 +364,9 @@ def test_packed_take_copies_agrees_with_pop(slots, start, wrap, limit, longest):
             return PackedQueue(mem, SIZE, RING, drv, drv + 4, indirect=True,
                                next_avail=start, avail_wrap=wrap)
         fast, slow = queue(), queue()
-        before = [bytes(r.mv) for r in mem.regions]
-        try:
-            got, copies = fast.take_copies(limit, 12, longest)
-        except GuestError:                # a buffer outside RAM: pop() refuses it too
-            try:
-                slow.pop(limit)
-            except GuestError:
-                return
-            raise AssertionError("take_copies failed where pop() did not")
-        assert [bytes(r.mv) for r in mem.regions] == before          # it only reads
-        chains = slow.pop(len(got)) if got else []
-        assert [c.head for c in chains] == got
-        for c, data in zip(chains, copies):
-            assert len(c.readable) == 1 and not c.writable and 12 <= c.read_len <= longest
-            assert bytes(c.readable[0])[12:] == data
+        got = copies_agree_with_pop(mem, fast, slow, limit, longest)
+        if got is None:
+            return
         assert (fast.next_avail, fast.avail_wrap) == (slow.next_avail, slow.avail_wrap)
         if len(got) < limit:              # it stopped: pop() would not take the next one
             rest = queue()                # as a lone, in-range, new, short-enough buffer

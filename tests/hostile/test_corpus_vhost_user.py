@@ -200,6 +200,15 @@ def closed(srv, img, fe: Frontend, caplog) -> None:
     served(srv, img)
 
 
+def rung_and_closed(srv, img, fe: Frontend, caplog, errors: int) -> None:
+    """Ring the doorbell on a ring the test broke: the device counts an error, and the
+    server closes the connection (see closed())."""
+    fe.doorbell()
+    with deadline():
+        until(lambda: srv.device.errors > errors)
+    closed(srv, img, fe, caplog)
+
+
 def test_a_good_request_through_the_hand_written_frontend(blk_server, frontend):
     """The control case: the same frontend and ring, well formed, is served."""
     srv, img = blk_server
@@ -234,10 +243,7 @@ def test_descriptor_outside_the_shared_memory(blk_server, frontend, caplog, pack
     a, n = RANGES[case](fe.ram)
     fe.mem.write(HDR, P.HEADER.pack(direction, 0, 0) + bytes(4))
     fe.offer([(HDR, 16, 0), (a, n, WRITE if direction == T_IN else 0), (STATUS, 1, WRITE)])
-    fe.doorbell()
-    with deadline():
-        until(lambda: srv.device.errors > errors)
-    closed(srv, img, fe, caplog)
+    rung_and_closed(srv, img, fe, caplog, errors)
 
 
 def test_chain_that_loops(blk_server, frontend, caplog):
@@ -248,10 +254,7 @@ def test_chain_that_loops(blk_server, frontend, caplog):
     fe.ring.set_desc(0, HDR, 16, NEXT, 1)
     fe.ring.set_desc(1, DATA, 512, NEXT, 0)
     fe.ring.make_available(0)
-    fe.doorbell()
-    with deadline():
-        until(lambda: srv.device.errors > errors)
-    closed(srv, img, fe, caplog)
+    rung_and_closed(srv, img, fe, caplog, errors)
 
 
 def test_available_index_far_ahead(blk_server, frontend, caplog):
@@ -260,10 +263,7 @@ def test_available_index_far_ahead(blk_server, frontend, caplog):
     fe.start()
     errors = srv.device.errors
     fe.ring.set_avail_idx(0x4000)
-    fe.doorbell()
-    with deadline():
-        until(lambda: srv.device.errors > errors)
-    closed(srv, img, fe, caplog)
+    rung_and_closed(srv, img, fe, caplog, errors)
 
 
 @pytest.mark.parametrize("which", ["descriptor table", "available ring", "used ring"])

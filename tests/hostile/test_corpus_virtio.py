@@ -439,20 +439,7 @@ def test_packed_more_descriptors_in_flight_than_the_queue(rig_for):
 
 # -- queue setup -------------------------------------------------------------------------------------
 def setup_queue(r: Rig, size: int, desc: int = 0x10000, drv: int = 0x18000, dev: int = 0x1C000):
-    d = r.dev
-    d.write(R.R_STATUS, 4, 0)
-    d.write(R.R_STATUS, 4, spec.ACKNOWLEDGE | spec.DRIVER)
-    for sel in (0, 1):
-        d.write(R.R_DRIVER_FEATURES_SEL, 4, sel)
-        d.write(R.R_DRIVER_FEATURES, 4, (r.features >> (32 * sel)) & 0xFFFFFFFF)
-    d.write(R.R_STATUS, 4, spec.ACKNOWLEDGE | spec.DRIVER | spec.FEATURES_OK)
-    d.write(R.R_QUEUE_SEL, 4, 0)
-    d.write(R.R_QUEUE_NUM, 4, size)
-    for reg, addr in ((R.R_QUEUE_DESC_LOW, desc), (R.R_QUEUE_DRIVER_LOW, drv),
-                      (R.R_QUEUE_DEVICE_LOW, dev)):
-        d.write(reg, 4, addr & 0xFFFFFFFF)
-        d.write(reg + 4, 4, addr >> 32)
-    d.write(R.R_QUEUE_READY, 4, 1)
+    mmio_bring_up(r.dev, r.features, [(size, desc, drv, dev)], driver_ok=False)
 
 
 @pytest.mark.parametrize("abi", ABIS)
