@@ -73,14 +73,18 @@ class NetCore:
         """Frames from the guest, already stripped of any transport header."""
         c = self.counters
         limit = self.max_frame
-        lens = list(map(len, frames))
-        if lens and min(lens) >= ETH_MIN and max(lens) <= limit:    # all good: no loop
-            good = frames
-            c.tx_bytes += sum(lens)
+        total = 0
+        for f in frames:                  # one pass; a bad frame sends us to the slow path
+            n = len(f)
+            if n < ETH_MIN or n > limit:
+                good = [f for f in frames if ETH_MIN <= len(f) <= limit]
+                c.tx_dropped += len(frames) - len(good)
+                total = sum(map(len, good))
+                break
+            total += n
         else:
-            good = [f for f in frames if ETH_MIN <= len(f) <= limit]
-            c.tx_bytes += sum(map(len, good))
-            c.tx_dropped += len(frames) - len(good)
+            good = frames
+        c.tx_bytes += total
         c.tx_frames += len(good)
         if good:
             self.backend.send(good)
@@ -105,17 +109,20 @@ class NetCore:
 
     def receive(self, frames: list[bytes]) -> None:
         """Frames for the guest (from the backend). Queued, then the transport is told."""
-        c = self.counters
         limit = self.max_frame + 4          # room for one VLAN tag
-        if frames and max(map(len, frames)) > limit:
-            c.rx_too_big += sum(1 for f in frames if len(f) > limit)
-            frames = [f for f in frames if len(f) <= limit]
-        room = self.backlog_max - len(self.backlog)
+        for f in frames:
+            if len(f) > limit:
+                c = self.counters
+                c.rx_too_big += sum(1 for f in frames if len(f) > limit)
+                frames = [f for f in frames if len(f) <= limit]
+                break
+        backlog = self.backlog
+        room = self.backlog_max - len(backlog)
         if len(frames) > room:
-            c.rx_dropped += len(frames) - max(room, 0)
+            self.counters.rx_dropped += len(frames) - max(room, 0)
             frames = frames[:max(room, 0)]
         if frames:
-            self.backlog.extend(frames)
+            backlog.extend(frames)
             self.on_rx()
 
 

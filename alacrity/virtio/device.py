@@ -88,7 +88,7 @@ class VirtQueue:
                 ring.push_heads(heads)
                 n = len(heads)
                 budget -= n
-        if budget > 0:
+        if budget > 0 and ring.has_work():
             chains = ring.pop(budget)
             if chains:
                 handle = self.handler
@@ -96,9 +96,12 @@ class VirtQueue:
                 n += len(chains)
         if not n:
             return False
-        self.complete(n)
         if self.after is not None:
+            # first what the batch is for (net tx: send the frames; a loopback or pair peer
+            # gets them at once), then its completions: the peer's frame does not wait for
+            # our used-ring update
             self.after()
+        self.complete(n)
         return True
 
     def complete(self, n: int) -> None:
