@@ -96,7 +96,8 @@ class PackedQueue:
 
     # -- taking work ----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return (self._r16[self.next_avail * 8 + 7] & AVAIL_USED) == _available_bits(self.avail_wrap)
+        # (what _available_bits() says, inline: this runs on every turn of a busy-poll loop)
+        return (self._r16[self.next_avail * 8 + 7] & AVAIL_USED) == (0x0080 if self.avail_wrap else 0x8000)
 
     def pop(self, limit: int = MAX_QUEUE_SIZE) -> list[Chain]:
         """The buffers made available since the last call (at most `limit`), in one pass."""
