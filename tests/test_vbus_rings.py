@@ -282,8 +282,20 @@ def test_a_lying_full_flag_is_ignored(mem):
 def test_indexes_beyond_count_are_a_guest_error(mem, where):
     north, south, _ = pair(mem, count=4)
     mem.view(RING + where, 4)[:] = (4).to_bytes(4, "little")
-    with pytest.raises(GuestError, match=">= count"):
+    # the inuse head is the popping side's own: any change by the peer is the error
+    with pytest.raises(GuestError, match="inuse head is 4" if where == 36 else ">= count"):
         south.take(4) if where >= 36 else south.head(VALID) + south.tail(VALID)
+
+
+@pytest.mark.parametrize("op", ["take", "release"])
+def test_the_popping_side_notices_its_inuse_head_moved_by_the_peer(mem, op):
+    """Even to a position that exists: south would otherwise serve or skip descriptors."""
+    north, south, _ = pair(mem, count=4)
+    north.post([(1, 0x100, 8), (2, 0x200, 8)])
+    assert len(south.take(4)) == 2
+    mem.view(RING + 36, 4)[:] = (1).to_bytes(4, "little")
+    with pytest.raises(GuestError, match="inuse head is 1, not 0"):
+        south.take(4) if op == "take" else south.release(2)
 
 
 def test_descriptors_not_owned_are_not_taken_or_pushed(mem):

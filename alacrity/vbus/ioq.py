@@ -80,6 +80,13 @@ class Ioq:
         self._h32 = self.view[:HEAD_SIZE].cast("I")
         self._ring = self.view[HEAD_SIZE:]
         self._q = self._ring.cast("Q")             # cookie 4k, ptr 4k+1, len 4k+2
+        # Only the side that pops a ring (take/release) writes its inuse head, so that side
+        # keeps its own copy: no re-checking on every pop, and a peer that writes it is
+        # caught by the comparison (GuestError), whatever value it wrote.
+        head = self._h32[9]
+        if head >= count:
+            raise GuestError(f"IOQ at {addr:#x}: inuse head {head} >= count {count}")
+        self._ihead = head
         # the ring's signal (or the one the guest registered for it elsewhere)
         self.signal = signal or ShmSignal(self.view[SIGNAL_OFFSET:SIGNAL_OFFSET + shm_signal.SIZE],
                                           locale, cross, always=always)
@@ -124,6 +131,13 @@ class Ioq:
     def remain(self, idx: int) -> int:
         return self.count - self.used(idx)
 
+    def _bad_inuse(self) -> None:
+        h32 = self._h32
+        if h32[9] != self._ihead:
+            raise GuestError(f"IOQ {self.addr:#x}: inuse head is {h32[9]}, not {self._ihead} "
+                             f"where we left it (the peer wrote our index)")
+        raise GuestError(f"IOQ {self.addr:#x}: inuse tail {h32[10]} >= count {self.count}")
+
     # -- descriptors ------------------------------------------------------------------------
     def set_desc(self, pos: int, *, cookie: int | None = None, ptr: int | None = None,
                  length: int | None = None, valid: int | None = None) -> None:
@@ -146,7 +160,15 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        pos, _, used = self.index(INUSE)
+        h32 = self._h32
+        pos = self._ihead
+        tail = h32[10]
+        if h32[9] != pos or tail >= count:
+            self._bad_inuse()
+        if tail == pos:
+            used = count if self.view[44] else 0
+        else:
+            used = tail - pos if tail > pos else tail + count - pos
         out = []
         # only what the index says is there, and only what we own
         for _ in range(limit if limit < used else used):
@@ -169,7 +191,9 @@ class Ioq:
         q = self._q
         me = self.locale
         count = self.count
-        pos = start = self.index(INUSE)[0]
+        pos = start = self._ihead
+        if self._h32[9] != pos:
+            self._bad_inuse()
         peer = self.peer
         for _ in range(n):
             if ring[pos * DESC_SIZE + 25] != me:
@@ -180,7 +204,7 @@ class Ioq:
             pos += 1
             if pos == count:
                 pos = 0
-        self._h32[9] = pos                      # inuse head (byte 36)
+        self._h32[9] = self._ihead = pos        # inuse head (byte 36)
         if self.view[44]:
             self.view[44] = 0
         pos = start
@@ -261,9 +285,12 @@ class Ioq:
             raise GuestError(f"IOQ {self.addr:#x}: {len(entries)} descriptors posted, "
                              f"{count - used} free")
         pos = start
+        h32 = self._h32
         if both:
-            ihead, itail, _ = self.index(INUSE)
-            if itail != pos:
+            # the inuse tail is ours too; south's inuse head is only compared with it (for
+            # `full`), never used as a position, so it needs no range check here
+            ihead = h32[9]
+            if h32[10] != pos:
                 raise GuestError(f"IOQ {self.addr:#x}: valid and inuse tails not synchronized")
         for cookie, ptr, length in entries:
             base = pos * DESC_SIZE
@@ -277,7 +304,6 @@ class Ioq:
             pos += 1
             if pos == count:
                 pos = 0
-        h32 = self._h32
         if vhead == pos:
             self.view[32] = 1                    # full: set before the tail lands on head
         h32[7] = pos                             # valid tail (byte 28)
@@ -326,11 +352,9 @@ class Ioq:
         return self._ring[pos * DESC_SIZE + 25] == self.locale
 
     def ready(self) -> bool:
-        """Is a descriptor handed to us waiting at the inuse head? (cheap: no list)"""
-        h32 = self._h32
-        pos = h32[9]                                   # inuse head (byte 36)
-        if pos >= self.count:
-            return False
-        if pos == h32[10] and not self.view[44]:
+        """Is a descriptor handed to us waiting at the inuse head? (cheap: no list; take()
+        checks the indexes)"""
+        pos = self._ihead
+        if pos == self._h32[10] and not self.view[44]:
             return False
         return self._ring[pos * DESC_SIZE + 25] == self.locale

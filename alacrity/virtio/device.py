@@ -80,37 +80,42 @@ class VirtQueue:
         """Take up to `budget` requests, complete them with one publish. True if any."""
         ring = self.ring
         n = 0
+        heads = chains = None
         if self.copier is not None:
             skip, longest, consume = self.copier
             heads, copies = ring.take_copies(budget, skip, longest)
             if heads:
                 consume(copies)
-                ring.push_heads(heads)
                 n = len(heads)
                 budget -= n
         if budget > 0 and ring.has_work():
             chains = ring.pop(budget)
             if chains:
                 handle = self.handler
-                ring.push_many(chains, [handle(c) for c in chains])
+                written = [handle(c) for c in chains]
                 n += len(chains)
         if not n:
             return False
         if self.after is not None:
             # first what the batch is for (net tx: send the frames; a loopback or pair peer
             # gets them at once), then its completions: the peer's frame does not wait for
-            # our used-ring update
+            # our used-ring writes
             self.after()
+        if heads:
+            ring.push_heads(heads)
+        if chains:
+            ring.push_many(chains, written)
         self.complete(n)
         return True
 
     def complete(self, n: int) -> None:
         """Account for n used elements pushed, publish them (one batch) and interrupt if the
         driver asked for it."""
+        published = self.ring.publish()        # first: the driver may be waiting for it
         stats = self.stats
         stats.requests += n
         stats.batches += 1
-        if self.ring.publish():
+        if published:
             stats.interrupts += 1
             self.interrupt()
         else:
