@@ -331,9 +331,9 @@ def test_pinned_packed_buffers_keep_their_id(mem):
 
 
 def test_readd_many_is_readd_in_a_batch(mem):
-    """A batch of pinned buffers offered again with readd_many: the device sees the same
-    ids, lengths and directions, in order, across many laps; a buffer still in flight is
-    refused."""
+    """A batch of pinned buffers offered again with readd_many (or readd, one by one, on
+    alternate laps): the device sees the same ids, lengths and directions, in order, across
+    many laps; a buffer still in flight is refused."""
     d, q = driver_and_device(mem, 4)
     hs = [d.add([(DATA + 0x100 * i, 64 + i)], i % 2, f"b{i}", pin=True) for i in range(3)]
     for lap in range(8):
@@ -344,6 +344,12 @@ def test_readd_many_is_readd_in_a_batch(mem):
         q.push_many(chains, [0] * 3)
         q.publish()
         assert len(d.get_used()) == 3
-        d.readd_many(hs, [lap] * 3)
+        if lap % 2:
+            d.readd_many(hs, [lap] * 3)
+        else:                                      # one by one: the same ring contents
+            for h in hs:
+                d.readd(h, lap)
     with pytest.raises(ValueError):
         d.readd_many(hs[:1], ["again"])
+    with pytest.raises(ValueError):
+        d.readd(hs[0], "again")
