@@ -447,31 +447,12 @@ class PackedDriverQueue:
         return (bufs, n_out, indirect, bid, body, 0 if n_out else DESC_F_WRITE)
 
     def readd(self, handle: object, token: object) -> None:
-        bufs, n_out, indirect, bid, body, wflag = handle  # type: ignore[misc]
+        bufs, n_out, indirect, bid, _, _ = handle  # type: ignore[misc]
         if self.ndesc[bid]:
             raise ValueError(f"buffer {bid} is still in flight")
-        if body is None or not self.num_free:
-            self._add(bufs, n_out, token, indirect, bid)
-            return
-        # one lone buffer, written here rather than through readd_many(): this is on the
-        # latency path of every received frame, and the batch loop's setup costs as much
-        # again as the offer itself
-        pos = self.next_avail
-        at = pos << 4
-        self._ring[at:at + 14] = body
-        flags = (0x0080 if self.avail_wrap else 0x8000) | wflag
-        if self._pending is None:
-            self._pending = (pos, flags)           # exposed by kick_prepare()
-        else:
-            self._r16[pos * 8 + 7] = flags
-        pos += 1
-        if pos == self.size:
-            pos = 0
-            self.avail_wrap ^= 1
-        self.next_avail = pos
-        self.num_free -= 1
-        self.tokens[bid] = token
-        self.ndesc[bid] = 1
+        # _add(), not readd_many() of one: this is on the latency path of every received
+        # frame, and the batch loop's setup costs as much again as the offer itself
+        self._add(bufs, n_out, token, indirect, bid)
 
     def readd_many(self, handles: Sequence[object], tokens: Sequence[object]) -> None:
         """readd() of a batch (rx buffers handed back, tx frames sent again), in one pass."""
