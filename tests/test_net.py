@@ -179,6 +179,26 @@ def test_mergeable_frame_over_three_buffers():
         r.close()
 
 
+def test_transmit_says_when_frames_came_straight_back():
+    """Loopback: the frames wait in our own backlog and transmit() returns True instead of
+    calling on_rx (the transport places them in the same pass); a pair tells the peer."""
+    told = []
+    core = NetCore(LoopbackBackend())
+    core.on_rx = lambda: told.append("self")
+    f = frame(60)
+    assert core.transmit([f, f]) is True and list(core.backlog) == [f, f] and told == []
+    core.backlog.clear()
+    assert core.transmit([b"short"]) is False and told == []      # dropped: nothing came back
+    core.receive([f])                                            # from outside: told
+    assert told == ["self"]
+    a_end, b_end = pair()
+    a, b = NetCore(a_end), NetCore(b_end)
+    a.on_rx = lambda: told.append("a")
+    b.on_rx = lambda: told.append("b")
+    assert a.transmit([f]) is False and list(b.backlog) == [f] and told[-1] == "b"
+    assert not a.backlog
+
+
 def test_frames_beyond_the_backlog_are_dropped_and_counted():
     r = Raw()
     try:

@@ -65,12 +65,17 @@ class NetCore:
         self.backlog: collections.deque[bytes] = collections.deque()
         self.backlog_max = backlog
         self.on_rx: Callable[[], None] = lambda: None   # the transport: "frames are waiting"
+        self._sending = False       # inside transmit(): frames received now came back to us
+        self._looped = False
         self._room_waiters: list[Callable[[], None]] = []
         backend.attach(self)
 
 
-    def transmit(self, frames: list[bytes]) -> None:
-        """Frames from the guest, already stripped of any transport header."""
+    def transmit(self, frames: list[bytes]) -> bool:
+        """Frames from the guest, already stripped of any transport header. Returns True if
+        frames came straight back to this core while sending (loopback): they wait in the
+        backlog and the transport was not told (on_rx), so it places them in the same pass
+        instead of scheduling another."""
         c = self.counters
         limit = self.max_frame
         total = 0
@@ -87,7 +92,13 @@ class NetCore:
         c.tx_bytes += total
         c.tx_frames += len(good)
         if good:
-            self.backend.send(good)
+            self._sending = True
+            try:
+                self.backend.send(good)
+            finally:
+                self._sending = False
+        looped, self._looped = self._looped, False
+        return looped
 
     def room(self) -> int:
         """How many frames the other end can take now (backpressure for virtual wires)."""
@@ -123,7 +134,10 @@ class NetCore:
             frames = frames[:max(room, 0)]
         if frames:
             backlog.extend(frames)
-            self.on_rx()
+            if self._sending:
+                self._looped = True         # transmit() tells its caller
+            else:
+                self.on_rx()
 
 
 class NetBackend:

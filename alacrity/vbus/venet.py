@@ -83,8 +83,6 @@ class Venet(VbusDevice):
         self.evq_pool: tuple[int, int] | None = None
         self._tx_blocked = False
         self._tx_deferred = False
-        self._sending = False      # inside core.transmit (a loopback/pair peer may be us)
-        self._looped = False       # frames came back to us while sending: pump them now
         self.malformed = 0
         self.tx_completions = 0
 
@@ -263,13 +261,7 @@ class Venet(VbusDevice):
         if frames:
             # the frames first (a loopback or pair peer gets them at once), then their
             # completions: the peer's frame does not wait for our index updates
-            self._sending = True
-            try:
-                self.core.transmit(frames)
-            finally:
-                self._sending = False
-            if self._looped:
-                self._looped = False
+            if self.core.transmit(frames):     # they came straight back: place them now
                 if self.pump() and not self.polling:
                     self.schedule(self.pump)
         q.release(len(taken))
@@ -329,9 +321,7 @@ class Venet(VbusDevice):
 
     # -- guest receive -----------------------------------------------------------------------------
     def _frames_waiting(self) -> None:
-        if self._sending:
-            self._looped = True        # _tx_pass pumps them right after the transmit
-        elif not self.polling:         # a polling bridge finds the backlog on its next pass
+        if not self.polling:           # a polling bridge finds the backlog on its next pass
             self.schedule(self.pump)
 
     def _rx_doorbell(self) -> None:

@@ -77,8 +77,6 @@ class VirtioNet(VirtioDevice):
         self.rxq: VirtQueue | None = None
         self.txq: VirtQueue | None = None
         self._tx_blocked = False
-        self._sending = False
-        self._looped = False
         self.mergeable = False
         core.on_rx = self._frames_waiting
 
@@ -178,23 +176,14 @@ class VirtioNet(VirtioDevice):
     def _send_batch(self) -> None:
         if self._tx:
             frames, self._tx = self._tx, []
-            self._sending = True
-            try:
-                self.core.transmit(frames)
-            finally:
-                self._sending = False
-            if self._looped:
+            if self.core.transmit(frames):
                 # frames that came straight back to us (loopback): place them in this pass
-                self._looped = False
                 if self.pump():
                     self.schedule(self.pump)
 
     # -- receive -----------------------------------------------------------------------------
     def _frames_waiting(self) -> None:
-        if self._sending:
-            self._looped = True          # _send_batch pumps them right after the transmit
-        else:
-            self.schedule(self.pump)
+        self.schedule(self.pump)
 
     def pump(self) -> bool:
         """Move waiting frames into rx buffers; one publish for the batch. Returns True if
